@@ -1,0 +1,131 @@
+"""Errors that can reach an admin API client.
+
+Every error a client can see is a :class:`CairnError` carrying its HTTP status and a
+machine ``code``; the error middleware turns it into ``{"error", "code", ...extra}``.
+Anything else that escapes a handler is a bug and becomes a logged 500.
+
+    CairnError
+    ├── BadRequest           400  invalid input (names the field)
+    │   └── ReservedField    400  reserved_field
+    ├── Unauthorized         401  (sends WWW-Authenticate)
+    ├── Forbidden            403
+    ├── NotFound             404
+    ├── Conflict             409
+    ├── Gone                 410  payload_gone
+    ├── TooLarge             413
+    ├── DeployFailed         status and code of the cause (422 bad_payload, unsafe_payload,
+    │                        install_failed, check_failed; 503 replication_failed;
+    │                        504 deployment_timeout; 410 payload_gone; interrupted)
+    └── Unavailable          503  cluster not reachable
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "BadRequest",
+    "CairnError",
+    "Conflict",
+    "DeployFailed",
+    "Forbidden",
+    "Gone",
+    "NotFound",
+    "ReservedField",
+    "TooLarge",
+    "Unauthorized",
+    "Unavailable",
+]
+
+
+class CairnError(Exception):
+    """Base of every client-visible error."""
+
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None, **extra: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.extra: dict[str, Any] = extra
+
+    def body(self) -> dict[str, Any]:
+        """The JSON error body: ``{"error": message, "code": code, **extra}``."""
+        return {"error": self.message, "code": self.code, **self.extra}
+
+
+class BadRequest(CairnError):
+    status = 400
+    code = "invalid_input"
+
+
+class ReservedField(BadRequest):
+    code = "reserved_field"
+
+
+class Unauthorized(CairnError):
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(CairnError):
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(CairnError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(CairnError):
+    status = 409
+    code = "conflict"
+
+
+class Gone(CairnError):
+    status = 410
+    code = "payload_gone"
+
+
+class TooLarge(CairnError):
+    status = 413
+    code = "too_large"
+
+
+class Unavailable(CairnError):
+    status = 503
+    code = "cluster_unavailable"
+
+
+_DEPLOY_STATUS = {
+    "bad_payload": 422,
+    "unsafe_payload": 422,
+    "install_failed": 422,
+    "check_failed": 422,
+    "payload_gone": 410,
+    "replication_failed": 503,
+    "deployment_timeout": 504,
+    "interrupted": 500,
+    "too_large": 413,
+    "upload_failed": 400,
+    "package_fetch_failed": 422,
+}
+
+
+class DeployFailed(CairnError):
+    """A deploy ended in ``failed``; the status and code are those of the cause.
+
+    ``phase`` names the phase that failed; ``extra`` may carry ``install_output`` and
+    ``failed_nodes``. The deployment id is added by the operation that answers.
+    """
+
+    status = 422
+    code = "deploy_failed"
+
+    def __init__(self, message: str, *, code: str, phase: str, **extra: Any) -> None:
+        super().__init__(message, code=code, **extra)
+        self.phase = phase
+        self.status = _DEPLOY_STATUS.get(code, 422)
