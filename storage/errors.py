@@ -1,10 +1,10 @@
 """Storage errors. sqlite3 and OS errors are translated here, once, where they enter.
 
-    StorageError
-    ├── BlobMissing      the blob is not in this node's store
-    ├── BlobCorrupt      bytes do not match their sha256 / size
-    ├── BlobTooLarge     an ingest went over the size limit
-    └── SchemaError      a migration could not be applied / unknown newer schema
+StorageError
+├── BlobMissing      the blob is not in this node's store
+├── BlobCorrupt      bytes do not match their sha256 / size
+├── BlobTooLarge     an ingest went over the size limit
+└── SchemaError      a migration could not be applied / unknown newer schema
 """
 
 from __future__ import annotations

@@ -1,0 +1,147 @@
+"""Applying a peer's changes: idempotent, order-independent, one transaction per batch.
+
+A change is written only if its ``(version, origin)`` is newer than the stored row's, so
+redelivered, duplicated and reordered batches converge on the same state. A deployment
+whose stored status is terminal never takes another status. Every change that is applied
+is appended to this node's own change log with the writer's version and origin, so it
+travels on to nodes that have not seen it (transitive propagation). The peer's cursor is
+committed in the same transaction as the changes it covers.
+
+Only the tables in :data:`storage.tables.REPLICATED` and the event log can be written
+this way; anything else, or a malformed row, rejects the whole batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from storage import events as ev
+from storage.changelog import Tx
+from storage.errors import StorageError
+from storage.records import TERMINAL, Change, DeploymentStatus, Event, Notice
+from storage.store import Store
+from storage.tables import (
+    DEPLOYMENTS,
+    MEMBERS,
+    NODE_RESULTS,
+    REPLICATED,
+    ROLES,
+    USERS,
+    TableSpec,
+    deployment_from,
+    member_from,
+    result_from,
+    role_from,
+    user_from,
+)
+
+__all__ = ["InvalidChange", "apply_changes"]
+
+_BUILDERS = {
+    DEPLOYMENTS.name: deployment_from,
+    NODE_RESULTS.name: result_from,
+    USERS.name: user_from,
+    ROLES.name: role_from,
+    MEMBERS.name: member_from,
+}
+
+
+class InvalidChange(StorageError):
+    """A peer sent a change this node will not apply; the batch is rejected whole."""
+
+
+async def apply_changes(store: Store, peer: str, changes: Sequence[Change], cursor: int) -> int:
+    """Apply a batch from ``peer`` and move its cursor to ``cursor``, atomically.
+
+    Returns:
+        How many changes were new to this node.
+
+    Raises:
+        InvalidChange: a change names an unknown table or carries a malformed row.
+    """
+    applied = 0
+    async with store.tx() as tx:
+        for change in changes:
+            store.clock.observe(change.version)
+            if change.tbl == ev.TABLE:
+                applied += await _apply_events(tx, change)
+            elif change.tbl in REPLICATED:
+                applied += await _apply_row(store, tx, REPLICATED[change.tbl], change)
+            else:
+                raise InvalidChange(f"table {change.tbl!r} is not replicated")
+        await tx.conn.execute(
+            "INSERT INTO peer_cursors (peer, seq, updated_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (peer) DO UPDATE SET seq = MAX(seq, excluded.seq), "
+            "updated_at = excluded.updated_at",
+            (peer, cursor, tx.now_ms),
+        )
+    return applied
+
+
+def _validated(spec: TableSpec, change: Change) -> dict[str, Any]:
+    if change.op != "upsert" or not isinstance(change.data, dict):
+        raise InvalidChange(f"{spec.name} change {change.key!r} is not an upsert of a row")
+    row = {c: change.data.get(c) for c in spec.cols}
+    row["version"], row["origin"] = change.version, change.origin
+    try:
+        built = _BUILDERS[spec.name](row) if spec.name in _BUILDERS else None
+        spec.to_sql(row)
+    except (KeyError, TypeError, ValueError) as e:
+        raise InvalidChange(f"{spec.name} change {change.key!r} is malformed: {e}") from e
+    if spec.key(row) != change.key or any(row[c] is None for c in spec.key_cols):
+        raise InvalidChange(f"{spec.name} change key {change.key!r} does not match its row")
+    del built
+    return row
+
+
+async def _apply_row(store: Store, tx: Tx, spec: TableSpec, change: Change) -> int:
+    row = _validated(spec, change)
+    current = await store.get_row(spec, [row[c] for c in spec.key_cols], tx)
+    if current is not None:
+        if (current["version"], current["origin"]) >= (change.version, change.origin):
+            return 0
+        if (
+            spec is DEPLOYMENTS
+            and DeploymentStatus(current["status"]) in TERMINAL
+            and row["status"] != current["status"]
+        ):
+            return 0
+    await tx.conn.execute(spec.upsert_sql(), spec.to_sql(row))
+    await tx.log(
+        spec.name, change.key, version=change.version, origin=change.origin, op="upsert",
+        data=row, user=change.user,
+    )  # fmt: skip
+    value = _BUILDERS[spec.name](row) if spec.name in _BUILDERS else None
+    tx.notify(Notice(spec.name, _notice_key(spec, row), (value,) if value else (), remote=True))
+    return 1
+
+
+def _notice_key(spec: TableSpec, row: dict[str, Any]) -> str:
+    # Result notices are keyed by deployment so deploy watchers can filter on one key.
+    return str(row["deployment_id"]) if spec is NODE_RESULTS else spec.key(row)
+
+
+async def _apply_events(tx: Tx, change: Change) -> int:
+    if change.op != "append" or not isinstance(change.data, list):
+        raise InvalidChange(f"event change {change.key!r} is not an append of events")
+    events: list[Event] = []
+    for item in change.data:
+        try:
+            e = Event(
+                change.key, int(item["seq"]), int(item["t"]), str(item["event"]), item["data"]
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise InvalidChange(f"event change {change.key!r} is malformed: {err}") from err
+        if e.seq < 1 or not isinstance(e.data, dict):
+            raise InvalidChange(f"event change {change.key!r} has a malformed event")
+        events.append(e)
+    new = await ev.insert(tx, events)
+    if not new:
+        return 0
+    await tx.log(
+        ev.TABLE, change.key, version=change.version, origin=change.origin, op="append",
+        data=[e.as_dict() for e in new],
+    )  # fmt: skip
+    tx.notify(Notice(ev.TABLE, change.key, tuple(new), remote=True))
+    return 1

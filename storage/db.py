@@ -1,0 +1,158 @@
+"""The SQLite database: open, pragmas, numbered migrations, one writer, one reader.
+
+WAL mode with ``synchronous=FULL``: a committed transaction survives power loss, and
+readers never block the writer. All writes go through :meth:`Database.write`, which
+serialises them on one connection with an asyncio lock and keeps each transaction short.
+sqlite3 errors are translated to :class:`~storage.errors.StorageError` here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
+
+import aiosqlite
+
+from storage.errors import SchemaError, StorageError
+
+__all__ = ["Database", "migrations"]
+
+_PRAGMAS = (
+    "PRAGMA journal_mode=WAL",
+    "PRAGMA synchronous=FULL",
+    "PRAGMA foreign_keys=ON",
+    "PRAGMA busy_timeout=10000",
+)
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """The shipped migrations as ``(number, name, sql)``, in order."""
+    found: list[tuple[int, str, str]] = []
+    for entry in resources.files("storage.migrations").iterdir():
+        name = entry.name
+        if not name.endswith(".sql"):
+            continue
+        number = int(name.split("_", 1)[0])
+        found.append((number, name, entry.read_text(encoding="utf-8")))
+    found.sort()
+    for expected, (number, name, _) in enumerate(found, start=1):
+        if number != expected:
+            raise SchemaError(f"migration {name} is out of sequence (expected {expected:04d})")
+    return found
+
+
+async def _connect(path: Path) -> aiosqlite.Connection:
+    conn = await aiosqlite.connect(path, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    for pragma in _PRAGMAS:
+        await conn.execute(pragma)
+    return conn
+
+
+class Database:
+    """One writer connection (behind a lock) and one reader connection."""
+
+    def __init__(self, path: Path, writer: aiosqlite.Connection, reader: aiosqlite.Connection):
+        self.path = path
+        self._writer = writer
+        self._reader = reader
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path, *, upto: int | None = None) -> Database:
+        """Open (or create) the database at ``path`` and bring its schema up to date.
+
+        Args:
+            path: the SQLite file; its directory is created if needed.
+            upto: apply migrations only up to this number (tests build old schemas).
+
+        Raises:
+            SchemaError: the file was written by a newer cairn, or a migration failed.
+            StorageError: the file cannot be opened as SQLite.
+        """
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            writer = await _connect(path)
+            try:
+                await _migrate(writer, upto)
+                reader = await _connect(path)
+            except BaseException:
+                await writer.close()
+                raise
+        except sqlite3.Error as e:
+            raise StorageError(f"cannot open database {path}: {e}") from e
+        return cls(path, writer, reader)
+
+    async def close(self) -> None:
+        """Close both connections (the WAL is checkpointed by SQLite)."""
+        async with self._lock:
+            await self._reader.close()
+            await self._writer.close()
+
+    async def schema_version(self) -> int:
+        """The ``user_version`` of the open database."""
+        async with self._reader.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[aiosqlite.Connection]:
+        """A short write transaction (``BEGIN IMMEDIATE`` … ``COMMIT``) on the writer.
+
+        Raises:
+            StorageError: any sqlite3 error inside the transaction (it is rolled back).
+        """
+        async with self._lock:
+            await self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._writer
+            except BaseException as e:
+                # Shielded so a cancelled caller cannot leave the transaction open.
+                await asyncio.shield(self._writer.execute("ROLLBACK"))
+                if isinstance(e, sqlite3.Error):
+                    raise StorageError(str(e)) from e
+                raise
+            else:
+                try:
+                    await asyncio.shield(self._writer.execute("COMMIT"))
+                except sqlite3.Error as e:
+                    raise StorageError(str(e)) from e
+
+    async def fetchall(self, sql: str, params: tuple[object, ...] = ()) -> list[sqlite3.Row]:
+        """Run a read-only query on the reader connection."""
+        try:
+            async with self._reader.execute(sql, params) as cur:
+                return list(await cur.fetchall())
+        except sqlite3.Error as e:
+            raise StorageError(str(e)) from e
+
+    async def fetchone(self, sql: str, params: tuple[object, ...] = ()) -> sqlite3.Row | None:
+        """Run a read-only query and return its first row, if any."""
+        rows = await self.fetchall(sql, params)
+        return rows[0] if rows else None
+
+
+async def _migrate(conn: aiosqlite.Connection, upto: int | None) -> None:
+    async with conn.execute("PRAGMA user_version") as cur:
+        row = await cur.fetchone()
+    current = int(row[0]) if row else 0
+    shipped = migrations()
+    if current > len(shipped):
+        raise SchemaError(
+            f"the database has schema {current}, newer than this cairn knows ({len(shipped)})"
+        )
+    for number, name, sql in shipped:
+        if number <= current or (upto is not None and number > upto):
+            continue
+        try:
+            await conn.executescript(
+                f"BEGIN IMMEDIATE;\n{sql}\nPRAGMA user_version={number};\nCOMMIT;"
+            )
+        except sqlite3.Error as e:
+            if conn.in_transaction:
+                await conn.execute("ROLLBACK")
+            raise SchemaError(f"migration {name} failed: {e}") from e

@@ -1,0 +1,206 @@
+"""Typed values for everything the database stores.
+
+Rows come back from :mod:`storage` as these frozen dataclasses; nothing outside
+``storage`` sees a ``sqlite3.Row``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+__all__ = [
+    "TERMINAL",
+    "Change",
+    "Deployment",
+    "DeploymentStatus",
+    "Event",
+    "Member",
+    "NodeResult",
+    "NodeStatus",
+    "Notice",
+    "Page",
+    "Role",
+    "User",
+    "status_rank",
+]
+
+
+class DeploymentStatus(StrEnum):
+    """A deployment's status; the only direction is forward, terminal is final."""
+
+    PENDING = "pending"
+    EXTRACTING = "extracting"
+    INSTALLING = "installing"
+    LOADING = "loading"
+    STAGING = "staging"
+    REPLICATING = "replicating"
+    ACTIVATING = "activating"
+    RESTARTING = "restarting"
+    SUCCESS = "success"
+    FAILED = "failed"
+    ROLLED_BACK = "rolled_back"
+
+
+TERMINAL = frozenset(
+    {DeploymentStatus.SUCCESS, DeploymentStatus.FAILED, DeploymentStatus.ROLLED_BACK}
+)
+
+_RANK = {status: i for i, status in enumerate(DeploymentStatus)}
+
+
+def status_rank(status: str) -> int:
+    """Position of ``status`` in the forward order (all terminal states rank last)."""
+    s = DeploymentStatus(status)
+    return len(_RANK) if s in TERMINAL else _RANK[s]
+
+
+class NodeStatus(StrEnum):
+    """One node's progress on one deployment (its row in ``node_results``)."""
+
+    PENDING = "pending"
+    FETCHING = "fetching"
+    EXTRACTING = "extracting"
+    INSTALLING = "installing"
+    LOADING = "loading"
+    STAGED = "staged"
+    ACTIVATING = "activating"
+    ACTIVE = "active"
+    FAILED = "failed"
+    DISCARDED = "discarded"
+    SUPERSEDED = "superseded"
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """A row of ``hdb_deployment`` as stored (``peer_results`` and the event log live
+    in their own tables)."""
+
+    deployment_id: str
+    project: str
+    kind: str
+    package_identifier: str | None
+    payload_hash: str | None
+    payload_size: int | None
+    status: DeploymentStatus
+    phase: str | None
+    expected_nodes: tuple[str, ...]
+    activate_nodes: tuple[str, ...]
+    origin_node: str
+    restart_mode: str | None
+    replicated: bool
+    ignore_replication_errors: bool
+    timeout_ms: int
+    deadline_at: int | None
+    started_at: int
+    completed_at: int | None
+    user: str | None
+    rollback_of: str | None
+    error: dict[str, Any] | None
+    pinned: bool
+    version: int
+    origin: str
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event of a deployment's log: ``{seq, t, event, data}``."""
+
+    deployment_id: str
+    seq: int
+    t: int
+    event: str
+    data: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"seq": self.seq, "t": self.t, "event": self.event, "data": self.data}
+
+
+@dataclass(frozen=True, slots=True)
+class NodeResult:
+    """One node's result for one deployment."""
+
+    deployment_id: str
+    node: str
+    status: NodeStatus
+    phase: str | None
+    error: dict[str, Any] | None
+    started_at: int | None
+    completed_at: int | None
+    late: bool
+    install_output: dict[str, Any] | None
+    version: int
+    origin: str
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    username: str
+    password_hash: str
+    role: str
+    active: bool
+    deleted: bool
+    version: int
+    origin: str
+
+
+@dataclass(frozen=True, slots=True)
+class Role:
+    role: str
+    permission: dict[str, Any]
+    deleted: bool
+    version: int
+    origin: str
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    name: str
+    url: str
+    deleted: bool
+    version: int
+    origin: str
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One change-log entry; ``data`` is the row (or batch of events) it wrote."""
+
+    seq: int
+    tbl: str
+    key: str
+    version: int
+    origin: str
+    op: str
+    data: Any
+    user: str | None
+    t: int
+    size: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """What the change feed tells subscribers after a commit.
+
+    ``rows`` carries the written values (``Deployment``, ``NodeResult`` or the ``Event``
+    objects inserted), so a live subscriber never has to re-read them.
+    """
+
+    tbl: str
+    key: str
+    rows: tuple[Any, ...] = field(default=())
+    remote: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of ``list_deployments``."""
+
+    deployments: list[Deployment]
+    total: int
+    next_cursor: str | None
