@@ -1,0 +1,5 @@
+"""``python -m node`` runs the ``cairn`` command line."""
+
+from node.cli import main
+
+main()

@@ -1,0 +1,435 @@
+"""``component.toml`` parsing and the install/check hook runner.
+
+A hook runs in its own process group with a minimal environment. Its output is read line
+by line from both pipes at once and handed to a callback (which records ``install``
+events) and to a bounded :class:`OutputTail` (returned as ``install_output`` on
+failure). On timeout or cancellation the whole group is killed, so a hook never leaves
+processes behind; processes a hook left running after it exited are stopped too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import signal
+import stat
+import time
+import tomllib
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypedDict
+
+from node.errors import DeployFailed
+
+__all__ = [
+    "COMPONENT_FILE",
+    "Command",
+    "ComponentConfig",
+    "HookResult",
+    "HookSpec",
+    "OutputTail",
+    "RunSpec",
+    "load_component_config",
+    "run_hook",
+]
+
+COMPONENT_FILE = "component.toml"
+Command = str | tuple[str, ...]
+OnLine = Callable[[str, str], Awaitable[None]]
+
+MAX_LINE_BYTES = 16 * 1024
+_MAX_CONFIG_BYTES = 1 << 20
+_MAX_TIMEOUT_S = 24 * 3600
+_INHERITED_ENV = ("PATH", "HOME", "LANG")
+_DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+_READ_CHUNK = 64 * 1024
+_KILL_GRACE_S = 2.0  # between SIGTERM and SIGKILL, and for pipes to drain
+_POLL_S = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class HookSpec:
+    """One hook: an argv tuple, or a string run with ``sh -c``."""
+
+    command: Command
+    timeout_s: float
+
+    @property
+    def argv(self) -> tuple[str, ...]:
+        return _argv(self.command)
+
+
+@dataclass(frozen=True, slots=True)
+class RunSpec:
+    """The supervised process; parsed and kept here, run by the supervisor."""
+
+    command: Command
+    timeout_s: float = 60.0
+    ready_command: Command | None = None
+    ready_timeout_s: float = 60.0
+
+    @property
+    def argv(self) -> tuple[str, ...]:
+        return _argv(self.command)
+
+
+@dataclass(frozen=True, slots=True)
+class ComponentConfig:
+    install: HookSpec | None = None
+    check: HookSpec | None = None
+    run: RunSpec | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HookResult:
+    exit_code: int | None  # None when timed out; negative when killed by a signal
+    timed_out: bool
+    duration_s: float
+
+
+def _argv(command: Command) -> tuple[str, ...]:
+    return ("sh", "-c", command) if isinstance(command, str) else command
+
+
+def _config_error(message: str, key: str | None = None) -> DeployFailed:
+    extra = {"key": key} if key is not None else {}
+    return DeployFailed(
+        f"{COMPONENT_FILE}: {message}", code="bad_payload", phase="install", **extra
+    )
+
+
+_TABLES: dict[str, tuple[str, ...]] = {
+    "install": ("command", "timeout_s"),
+    "check": ("command", "timeout_s"),
+    "run": ("command", "timeout_s", "ready_command", "ready_timeout_s"),
+}
+_DEFAULT_TIMEOUT_S = {"install": 300.0, "check": 60.0, "run": 60.0}
+
+
+def load_component_config(release_dir: Path) -> ComponentConfig:
+    """Read ``component.toml`` from a release directory, if there is one.
+
+    Args:
+        release_dir: the extracted release.
+
+    Returns:
+        The hooks it declares; an empty config when the file is absent.
+
+    Raises:
+        DeployFailed: ``bad_payload`` (phase ``install``) when the file is not valid TOML,
+            has unknown tables or keys, or a value of the wrong type; the message and the
+            ``key`` extra name the offending key.
+    """
+    path = release_dir / COMPONENT_FILE
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return ComponentConfig()
+    if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_CONFIG_BYTES:
+        raise _config_error(f"must be a regular file under {_MAX_CONFIG_BYTES} bytes")
+    try:
+        doc = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise _config_error("is not UTF-8") from e
+    except tomllib.TOMLDecodeError as e:
+        raise _config_error(f"invalid TOML: {e}") from e
+    for key in doc:
+        if key not in _TABLES:
+            raise _config_error(f"unknown key {key!r} (expected [install], [check], [run])", key)
+    tables = {name: _table(doc, name) for name in _TABLES}
+    install, check, run = (tables[n] for n in ("install", "check", "run"))
+    return ComponentConfig(
+        install=HookSpec(install["command"], install["timeout_s"]) if install else None,
+        check=HookSpec(check["command"], check["timeout_s"]) if check else None,
+        run=RunSpec(**run) if run else None,
+    )
+
+
+def _table(doc: dict[str, Any], name: str) -> dict[str, Any] | None:
+    raw = doc.get(name)
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise _config_error(f"[{name}] must be a table", name)
+    for key in raw:
+        if key not in _TABLES[name]:
+            raise _config_error(f"unknown key {name}.{key}", f"{name}.{key}")
+    if "command" not in raw:
+        raise _config_error(f"missing {name}.command", f"{name}.command")
+    out: dict[str, Any] = {"command": _command(raw["command"], f"{name}.command")}
+    out["timeout_s"] = _timeout(raw.get("timeout_s", _DEFAULT_TIMEOUT_S[name]), f"{name}.timeout_s")
+    if "ready_command" in raw:
+        out["ready_command"] = _command(raw["ready_command"], f"{name}.ready_command")
+    if "ready_timeout_s" in raw:
+        out["ready_timeout_s"] = _timeout(raw["ready_timeout_s"], f"{name}.ready_timeout_s")
+    return out
+
+
+def _command(value: object, key: str) -> Command:
+    if isinstance(value, str) and value.strip() and "\0" not in value:
+        return value
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(a, str) and "\0" not in a for a in value)
+        and value[0]
+    ):
+        return tuple(value)
+    raise _config_error(f"{key} must be a non-empty string or a list of strings", key)
+
+
+def _timeout(value: object, key: str) -> float:
+    if (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and 0 < value <= _MAX_TIMEOUT_S
+    ):
+        return float(value)
+    raise _config_error(f"{key} must be a number of seconds in (0, {_MAX_TIMEOUT_S}]", key)
+
+
+class TailLine(TypedDict):
+    stream: str
+    line: str
+
+
+class TailDict(TypedDict):
+    lines: list[TailLine]
+    truncated: bool
+    dropped_lines: int
+
+
+class OutputTail:
+    """The newest output lines: at most ``max_lines`` and ``max_bytes`` (UTF-8) together.
+
+    A line longer than ``max_bytes`` is cut to it. ``dropped_lines`` counts lines pushed
+    out; ``truncated`` is true if anything was dropped or cut.
+    """
+
+    def __init__(self, max_lines: int = 200, max_bytes: int = MAX_LINE_BYTES) -> None:
+        self.max_lines = max_lines
+        self.max_bytes = max_bytes
+        self._lines: deque[tuple[str, str, int]] = deque()
+        self._bytes = 0
+        self.dropped_lines = 0
+        self._cut = False
+
+    def append(self, stream: str, line: str) -> None:
+        encoded = line.encode("utf-8", "replace")
+        if len(encoded) > self.max_bytes:
+            encoded = encoded[: self.max_bytes]
+            line = encoded.decode("utf-8", "ignore")
+            self._cut = True
+        self._lines.append((stream, line, len(encoded)))
+        self._bytes += len(encoded)
+        while len(self._lines) > self.max_lines or self._bytes > self.max_bytes:
+            self._bytes -= self._lines.popleft()[2]
+            self.dropped_lines += 1
+
+    def as_dict(self) -> TailDict:
+        """The ``install_output`` shape: ``{lines: [{stream, line}], truncated, dropped_lines}``."""
+        return {
+            "lines": [{"stream": s, "line": text} for s, text, _ in self._lines],
+            "truncated": self._cut or self.dropped_lines > 0,
+            "dropped_lines": self.dropped_lines,
+        }
+
+
+class _LineSplitter:
+    """Bytes in, decoded lines out; a line longer than ``limit`` bytes is cut to it."""
+
+    def __init__(self, limit: int = MAX_LINE_BYTES) -> None:
+        self._limit = limit
+        self._buf = bytearray()
+        self._skipping = False  # dropping the rest of a line that was already cut
+
+    def _emit(self) -> str:
+        text = bytes(self._buf[: self._limit]).decode("utf-8", "replace")
+        self._buf.clear()
+        return text.removesuffix("\r")
+
+    def feed(self, data: bytes) -> list[str]:
+        out: list[str] = []
+        start = 0
+        while (nl := data.find(b"\n", start)) >= 0:
+            if self._skipping:
+                self._skipping = False
+            else:
+                self._buf += data[start:nl]
+                out.append(self._emit())
+            start = nl + 1
+        if not self._skipping:
+            self._buf += data[start:]
+            if len(self._buf) >= self._limit:
+                out.append(self._emit())
+                self._skipping = True
+        return out
+
+    def flush(self) -> list[str]:
+        return [self._emit()] if self._buf else []
+
+
+class _Pump:
+    def __init__(self, on_line: OnLine, tail: OutputTail) -> None:
+        self.on_line = on_line
+        self.tail = tail
+        self.muted = False  # set once the hook is being torn down
+
+    async def read(self, stream: str, reader: asyncio.StreamReader | None) -> None:
+        assert reader is not None
+        lines = _LineSplitter()
+        while chunk := await reader.read(_READ_CHUNK):
+            for line in lines.feed(chunk):
+                await self._emit(stream, line)
+        for line in lines.flush():
+            await self._emit(stream, line)
+
+    async def _emit(self, stream: str, line: str) -> None:
+        if not self.muted:
+            self.tail.append(stream, line)
+            await self.on_line(stream, line)
+
+
+async def run_hook(
+    spec: HookSpec,
+    *,
+    name: str,
+    cwd: Path,
+    env: Mapping[str, str],
+    on_line: OnLine,
+    tail: OutputTail,
+) -> HookResult:
+    """Run one hook to completion, streaming its output.
+
+    Args:
+        spec: the command and its timeout.
+        name: the hook's name (``install``, ``check``), used in messages.
+        cwd: the release directory.
+        env: added to the inherited ``PATH``, ``HOME`` and ``LANG`` (the caller passes
+            ``CAIRN_PROJECT``, ``CAIRN_DEPLOYMENT_ID`` and ``CAIRN_RELEASE_DIR``).
+        on_line: awaited with ``(stream, line)`` for every output line, in order per
+            stream; ``stream`` is ``"stdout"`` or ``"stderr"``.
+        tail: receives every line too, for ``install_output``.
+
+    Returns:
+        The exit code (127 if the command could not be found, 126 if it could not be
+        executed, None if it timed out), whether it timed out, and how long it ran.
+
+    Raises:
+        asyncio.CancelledError: the caller was cancelled; the process group is killed
+            before it propagates.
+        Exception: whatever ``on_line`` raised; the process group is killed first.
+    """
+    argv = spec.argv
+    if not argv:
+        raise ValueError("empty hook command")
+    full_env = {k: os.environ[k] for k in _INHERITED_ENV if k in os.environ}
+    full_env.setdefault("PATH", _DEFAULT_PATH)
+    full_env.update(env)
+    started = time.monotonic()
+    loop = asyncio.get_running_loop()
+    try:
+        transport, protocol = await loop.subprocess_exec(
+            lambda: _Protocol(loop),
+            *argv,
+            cwd=cwd,
+            env=full_env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,  # its own process group, so it can be killed whole
+        )
+    except OSError as e:
+        line = f"{name}: cannot start {argv[0]!r}: {e.strerror or e}"
+        tail.append("stderr", line)
+        await on_line("stderr", line)
+        code = 127 if isinstance(e, FileNotFoundError) else 126
+        return HookResult(code, False, time.monotonic() - started)
+
+    pgid = transport.get_pid()
+    pump = _Pump(on_line, tail)
+    readers = [
+        asyncio.create_task(pump.read("stdout", protocol.stdout)),
+        asyncio.create_task(pump.read("stderr", protocol.stderr)),
+    ]
+    try:
+        timed_out = await _wait_exit(protocol.exited, readers, spec.timeout_s)
+        await _stop_group(pgid)
+        await _join([protocol.exited, *readers], _KILL_GRACE_S)
+    except BaseException:
+        pump.muted = True
+        _signal_group(pgid, signal.SIGKILL)
+        await _join([protocol.exited, *readers], _KILL_GRACE_S)
+        raise
+    finally:
+        transport.close()  # releases pipes still held by a process that left the group
+    for task in readers:
+        if not task.cancelled():
+            task.result()  # surfaces an on_line failure that happened while draining
+    exit_code = None if timed_out else transport.get_returncode()
+    return HookResult(exit_code, timed_out, time.monotonic() - started)
+
+
+class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """Signals the hook's own exit, which ``Process.wait()`` does not: it also waits for
+    the pipes to close, and a background child can hold them open."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=_READ_CHUNK, loop=loop)
+        self.exited: asyncio.Future[None] = loop.create_future()
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+
+async def _wait_exit(
+    exited: asyncio.Future[None], readers: list[asyncio.Task[None]], timeout_s: float
+) -> bool:
+    """Wait for the hook's own exit; True if ``timeout_s`` passed first. A reader that
+    fails (``on_line`` raised) ends the wait with its exception."""
+    pending: set[asyncio.Future[Any]] = {exited, *readers}
+    try:
+        async with asyncio.timeout(timeout_s):
+            while not exited.done():
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task is not exited:
+                        task.result()
+    except TimeoutError:
+        return True
+    return False
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+async def _stop_group(pgid: int) -> None:
+    """SIGTERM whatever is left of the group, SIGKILL it after the grace period."""
+    if not _signal_group(pgid, signal.SIGTERM):
+        return
+    deadline = time.monotonic() + _KILL_GRACE_S
+    # Nothing signals when the last member of a group exits, so poll.
+    while _signal_group(pgid, 0) and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(_POLL_S)
+    _signal_group(pgid, signal.SIGKILL)
+
+
+async def _join(tasks: Sequence[asyncio.Future[Any]], timeout_s: float) -> None:
+    """Wait up to ``timeout_s`` for ``tasks`` (pipes held open by a process that escaped
+    the group would block forever), then cancel what is left."""
+    _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending)

@@ -1,0 +1,197 @@
+"""Deploys this node originates: the row first, then the payload, then the coordinator.
+
+The row is written (``pending``) before a single payload byte is read, so every accepted
+deploy leaves a row — also one whose upload breaks off. The payload is streamed into the
+blob store while it is hashed; the rest of the deploy runs as a task owned by the node,
+so a client that disconnects does not cancel it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from node.deploy.context import DeployContext
+from node.deploy.coordinator import Coordinator, fail
+from node.deploy.recorder import Recorder
+from node.errors import DeployFailed, Gone
+from node.tasks import TaskSet
+from storage.errors import BlobTooLarge
+from storage.records import Deployment, DeploymentStatus, NodeStatus
+
+__all__ = ["DeployRequest", "Origin"]
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class DeployRequest:
+    """A validated ``deploy_component`` (or ``drop_component``) request."""
+
+    project: str
+    user: str | None
+    restart_mode: str | None = None
+    replicated: bool = True
+    timeout_ms: int = 120_000
+    ignore_replication_errors: bool = False
+    package_identifier: str | None = None
+    rollback_of: str | None = None
+    kind: str = "deploy"
+
+
+class Origin:
+    """Starts and runs deploys on this node."""
+
+    def __init__(self, ctx: DeployContext, tasks: TaskSet) -> None:
+        self.ctx = ctx
+        self.tasks = tasks
+        self.recorders: dict[str, Recorder] = {}
+
+    def expected_nodes(self, replicated: bool) -> list[str]:
+        return self.ctx.cluster.members() if replicated else [self.ctx.node]
+
+    async def create(self, req: DeployRequest) -> tuple[Deployment, Recorder]:
+        """Write the ``pending`` row and its first event. Nothing else is touched."""
+        now = self.ctx.store.clock.now_ms()
+        fields: dict[str, Any] = {
+            "deployment_id": str(uuid.uuid4()), "project": req.project, "kind": req.kind,
+            "package_identifier": req.package_identifier, "payload_hash": None,
+            "payload_size": None, "status": DeploymentStatus.PENDING, "phase": "receive",
+            "expected_nodes": self.expected_nodes(req.replicated), "activate_nodes": [],
+            "origin_node": self.ctx.node, "restart_mode": req.restart_mode,
+            "replicated": req.replicated, "ignore_replication_errors": req.ignore_replication_errors,
+            "timeout_ms": req.timeout_ms, "deadline_at": None, "started_at": now,
+            "completed_at": None, "user": req.user, "rollback_of": req.rollback_of,
+            "error": None, "pinned": False,
+        }  # fmt: skip
+        d = await self.ctx.store.create_deployment(fields)
+        rec = Recorder(self.ctx.store, d.deployment_id)
+        d, _ = await rec.write(
+            None,
+            ("deployment", {"deployment_id": d.deployment_id, "project": d.project}),
+            ("phase", {"phase": "receive", "status": "start"}),
+        )
+        log.info("deploy_started", deployment_id=d.deployment_id, project=d.project, user=req.user)
+        return d, rec
+
+    async def check_reachable(self, d: Deployment, rec: Recorder) -> None:
+        """A cluster deploy with peers but none of them connected fails at once.
+
+        Raises:
+            DeployFailed: ``replication_failed``, after the row is marked failed.
+        """
+        peers = [n for n in d.expected_nodes if n != self.ctx.node]
+        if not peers or d.ignore_replication_errors:
+            return
+        if not (self.ctx.cluster.connected() & set(peers)):
+            err = DeployFailed(
+                f"no peer is reachable (expected {', '.join(peers)})",
+                code="replication_failed", phase="replicate", failed_nodes=peers,
+            )  # fmt: skip
+            await self.fail(d, rec, err)
+            raise err
+
+    async def receive(
+        self, d: Deployment, rec: Recorder, chunks: AsyncIterable[bytes]
+    ) -> Deployment:
+        """Stream the payload into the blob store and record its hash and size.
+
+        Raises:
+            DeployFailed: the upload broke off or was too large (row marked failed).
+        """
+        try:
+            info = await self.ctx.blobs.ingest(chunks, max_bytes=self.ctx.limits.max_payload_bytes)
+        except BlobTooLarge as e:
+            err = DeployFailed(
+                f"payload is larger than {self.ctx.limits.max_payload_bytes} bytes",
+                code="too_large", phase="receive",
+            )  # fmt: skip
+            await self.fail(d, rec, err)
+            raise err from e
+        except DeployFailed as e:
+            await self.fail(d, rec, e)
+            raise
+        except (Exception, asyncio.CancelledError) as e:  # the upload stream broke off
+            err = DeployFailed(
+                f"payload upload failed: {e!r}", code="upload_failed", phase="receive"
+            )
+            await asyncio.shield(self.fail(d, rec, err))
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            raise err from e
+        return await self.received(d, rec, info.hash, info.size)
+
+    async def received(
+        self, d: Deployment, rec: Recorder, payload_hash: str, size: int
+    ) -> Deployment:
+        self.ctx.faults.hit("deploy.after_receive")
+        d, _ = await rec.write(
+            {"payload_hash": payload_hash, "payload_size": size,
+             "deadline_at": self.ctx.store.clock.now_ms() + d.timeout_ms},
+            ("phase", {"phase": "receive", "status": "done"}),
+        )  # fmt: skip
+        return d
+
+    async def reuse_blob(self, d: Deployment, rec: Recorder, source: Deployment) -> Deployment:
+        """Point a rollback at ``source``'s blob after checking its sha256.
+
+        Raises:
+            Gone: the blob is not available on this node (row marked failed).
+        """
+        h = source.payload_hash
+        dropped = await self.ctx.store.dropped([source.deployment_id])
+        if h is None or dropped or not self.ctx.blobs.has(h) or not await self.ctx.blobs.verify(h):
+            err = DeployFailed(
+                f"the payload of deployment {source.deployment_id} is not available",
+                code="payload_gone", phase="receive",
+            )  # fmt: skip
+            await self.fail(d, rec, err)
+            raise Gone(err.message, deployment_id=d.deployment_id, phase="receive") from None
+        return await self.received(d, rec, h, self.ctx.blobs.size(h))
+
+    async def fail(self, d: Deployment, rec: Recorder, err: DeployFailed) -> Deployment:
+        await self.ctx.store.put_result(
+            d.deployment_id, status=NodeStatus.FAILED, phase=err.phase,
+            error={"message": err.message, "code": err.code, "phase": err.phase},
+            completed_at=self.ctx.store.clock.now_ms(),
+        )  # fmt: skip
+        err.extra.setdefault("deployment_id", d.deployment_id)
+        return await fail(self.ctx, rec, err)
+
+    def launch(self, d: Deployment, rec: Recorder) -> asyncio.Task[Deployment]:
+        """Run the rest of the deploy as a task owned by the node."""
+        return self.tasks.spawn(Coordinator(self.ctx, rec).run(d), name=f"deploy-{d.deployment_id}")
+
+    async def recover(self) -> list[str]:
+        """Resolve rows this node originated that were left non-terminal by a crash.
+
+        Rows that had reached ``activating`` are resumed (some nodes may already run
+        the new release); earlier ones are failed with code ``interrupted``, leaving
+        every node's previous release active.
+
+        Returns:
+            The ids of the rows failed as interrupted.
+        """
+        failed: list[str] = []
+        for d in await self.ctx.store.deployments(terminal=False):
+            if d.origin_node != self.ctx.node:
+                continue
+            rec = Recorder(self.ctx.store, d.deployment_id)
+            if d.status in (DeploymentStatus.ACTIVATING, DeploymentStatus.RESTARTING):
+                log.info("deploy_resumed", deployment_id=d.deployment_id)
+                self.launch(d, rec)
+                continue
+            self.ctx.components.discard_release(d.project, d.deployment_id)
+            await self.fail(
+                d, rec,
+                DeployFailed("the node stopped while this deploy was running",
+                             code="interrupted", phase=d.phase or "receive"),
+            )  # fmt: skip
+            failed.append(d.deployment_id)
+            log.warning("deploy_interrupted", deployment_id=d.deployment_id, status=str(d.status))
+        return failed

@@ -1,0 +1,224 @@
+"""Every node's loop: do what deployment rows ask of this node, and converge.
+
+It reacts to rows, never to calls: a deployment in ``replicating`` that expects this node
+gets staged here; one in ``activating`` that names this node gets activated; a ``failed``
+one has its staged release discarded. For each project, the node's active release is
+brought to the cluster's desired one — the newest ``success`` deployment that applies
+to this node — which is how a node that was down catches up: it jumps to the desired
+state instead of replaying every deploy it missed, and writes its (late) result row.
+
+Deployments this node originated are driven by their coordinator, not here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from typing import Any
+
+import structlog
+
+from node.deploy import pipeline
+from node.deploy.context import DeployContext
+from node.errors import DeployFailed
+from node.tasks import TaskSet
+from storage.records import Deployment, DeploymentStatus, NodeStatus, Notice
+from storage.tables import DEPLOYMENTS, MEMBERS
+
+__all__ = ["Reconciler"]
+
+log = structlog.get_logger(__name__)
+
+_IN_PROGRESS = {NodeStatus.PENDING, NodeStatus.FETCHING, NodeStatus.EXTRACTING,
+                NodeStatus.INSTALLING, NodeStatus.LOADING, NodeStatus.ACTIVATING}  # fmt: skip
+_WANTS_STAGE = {DeploymentStatus.REPLICATING, DeploymentStatus.ACTIVATING}
+
+
+class Reconciler:
+    """Keeps this node in line with the deployment rows it sees."""
+
+    def __init__(self, ctx: DeployContext, *, rescan_s: float = 5.0) -> None:
+        self.ctx = ctx
+        self.rescan_s = rescan_s
+        self._work = TaskSet("reconciler")
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._kick = asyncio.Event()
+
+    def kick(self) -> None:
+        """Ask for a full rescan soon (after a reconnect, say)."""
+        self._kick.set()
+
+    @property
+    def busy(self) -> int:
+        return len(self._running)
+
+    async def run(self) -> None:
+        """Run until cancelled: a full scan at start, then react to changes."""
+        want = {DEPLOYMENTS.name, MEMBERS.name, "active_releases"}
+        try:
+            with self.ctx.store.feed.subscribe(lambda n: n.tbl in want) as sub:
+                await self.scan()
+                while True:
+                    getter = asyncio.ensure_future(sub.get(timeout_s=self.rescan_s))
+                    kicked = asyncio.ensure_future(self._kick.wait())
+                    try:
+                        await asyncio.wait({getter, kicked}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        for f in (getter, kicked):
+                            f.cancel()
+                    notices: list[Notice] = (
+                        getter.result() if getter.done() and not getter.cancelled() else []
+                    )
+                    if self._kick.is_set() or not notices:
+                        self._kick.clear()
+                        await self.scan()
+                        continue
+                    for notice in notices:
+                        for row in notice.rows:
+                            if isinstance(row, Deployment):
+                                await self.consider(row)
+        finally:
+            await self._work.close()
+
+    async def scan(self) -> None:
+        """Look at every deployment that may still need something from this node."""
+        for d in await self.ctx.store.deployments(terminal=False):
+            await self.consider(d)
+        seen: set[str] = set()
+        for d in reversed(await self.ctx.store.deployments(statuses=[DeploymentStatus.SUCCESS])):
+            if d.project not in seen:
+                seen.add(d.project)
+                await self.consider(d)
+        for d in await self.ctx.store.deployments(statuses=[DeploymentStatus.FAILED]):
+            await self.consider(d)
+
+    async def consider(self, d: Deployment) -> None:
+        """Start whatever ``d`` asks of this node (at most one task per deployment)."""
+        if d.deployment_id in self._running:
+            return
+        job = await self._job(d)
+        if job is None:
+            return
+        task = self._work.spawn(job, name=f"reconcile-{d.deployment_id}")
+        self._running[d.deployment_id] = task
+        key = d.deployment_id
+
+        def forget(_task: asyncio.Task[None]) -> None:
+            self._running.pop(key, None)
+
+        task.add_done_callback(forget)
+
+    async def _job(self, d: Deployment) -> Any:
+        me = self.ctx.node
+        mine = {r.node: r for r in await self.ctx.store.results(d.deployment_id)}.get(me)
+        mine_status = mine.status if mine else None
+        if d.status is DeploymentStatus.SUCCESS:
+            return self._converge(d.project)
+        if d.origin_node == me or me not in d.expected_nodes:
+            return None
+        if d.status is DeploymentStatus.FAILED:
+            if mine_status in (NodeStatus.STAGED, *_IN_PROGRESS):
+                return self._discard(d)
+            return None
+        if d.status not in _WANTS_STAGE:
+            return None
+        if mine_status is None or mine_status in _IN_PROGRESS - {NodeStatus.ACTIVATING}:
+            return self._stage(d, activate_after=False)
+        if d.status is DeploymentStatus.ACTIVATING and me in d.activate_nodes and mine_status in (
+            NodeStatus.STAGED, NodeStatus.ACTIVATING,
+        ):  # fmt: skip
+            return self._activate(d, late=False)
+        return None
+
+    # -- jobs -------------------------------------------------------------------------
+
+    async def _result(self, d: Deployment, status: NodeStatus, phase: str, **fields: Any) -> None:
+        now = self.ctx.store.clock.now_ms()
+        if status in (
+            NodeStatus.STAGED,
+            NodeStatus.ACTIVE,
+            NodeStatus.FAILED,
+            NodeStatus.DISCARDED,
+        ):
+            fields.setdefault("completed_at", now)
+        if status is NodeStatus.FETCHING:
+            fields.setdefault("started_at", now)
+            fields.setdefault("completed_at", None)
+            fields.setdefault("error", None)
+        await self.ctx.store.put_result(d.deployment_id, status=status, phase=phase, **fields)
+
+    async def _stage(self, d: Deployment, *, activate_after: bool, late: bool = False) -> bool:
+        async def on_step(status: NodeStatus, phase: str) -> None:
+            await self._result(d, status, phase, late=late)
+
+        async def on_line(_stream: str, _line: str) -> None:
+            return None
+
+        try:
+            await self._result(d, NodeStatus.FETCHING, "fetch", late=late)
+            await pipeline.ensure_blob(self.ctx, d, verify=True)
+            async with self._locks[d.project]:
+                await pipeline.stage(self.ctx, d, on_step=on_step, on_line=on_line)
+            await self._result(d, NodeStatus.STAGED, "stage", late=late)
+        except DeployFailed as e:
+            error = {"message": e.message, "code": e.code, "phase": e.phase}
+            await self._result(
+                d, NodeStatus.FAILED, e.phase, error=error, late=late,
+                install_output=e.extra.get("install_output"),
+            )  # fmt: skip
+            log.warning("stage_failed", deployment_id=d.deployment_id, code=e.code, error=e.message)
+            return False
+        log.info("release_staged", deployment_id=d.deployment_id, project=d.project)
+        if activate_after:
+            await self._activate(d, late=late)
+        else:
+            # The row may have moved on while we staged; look at it again.
+            fresh = await self.ctx.store.get_deployment(d.deployment_id)
+            if fresh is not None and fresh != d:
+                self.ctx.store.feed.publish([Notice(DEPLOYMENTS.name, d.deployment_id, (fresh,))])
+        return True
+
+    async def _activate(self, d: Deployment, *, late: bool) -> None:
+        async with self._locks[d.project]:
+            await self._result(d, NodeStatus.ACTIVATING, "activate", late=late)
+            await pipeline.activate(self.ctx, d)
+            await self._result(d, NodeStatus.ACTIVE, "activate", late=late)
+
+    async def _discard(self, d: Deployment) -> None:
+        async with self._locks[d.project]:
+            if self.ctx.components.current(d.project) != d.deployment_id:
+                self.ctx.components.discard_release(d.project, d.deployment_id)
+            await self._result(d, NodeStatus.DISCARDED, "discard")
+
+    async def _converge(self, project: str) -> None:
+        """Bring ``project`` on this node to the newest success that applies here."""
+        me = self.ctx.node
+        candidates = [
+            d for d in await self.ctx.store.deployments(statuses=[DeploymentStatus.SUCCESS], project=project)
+            if d.replicated or d.origin_node == me
+        ]  # fmt: skip
+        if not candidates:
+            return
+        desired = candidates[-1]
+        active = (await self.ctx.store.active_releases()).get(project)
+        active_id = active["deployment_id"] if active else None
+        results = {r.node: r for r in await self.ctx.store.results(desired.deployment_id)}
+        mine = results.get(me)
+        if desired.kind == "drop":
+            if active_id is not None or (mine is None or mine.status is not NodeStatus.ACTIVE):
+                await self._activate(desired, late=True)
+            return
+        if active_id == desired.deployment_id:
+            if mine is None or mine.status is not NodeStatus.ACTIVE:
+                await self._result(desired, NodeStatus.ACTIVE, "activate", late=True)
+            return
+        if desired.origin_node == me:
+            return  # its coordinator (or recovery) owns it
+        log.info(
+            "converging", project=project, deployment_id=desired.deployment_id, active=active_id
+        )
+        if mine is not None and mine.status is NodeStatus.STAGED:
+            await self._activate(desired, late=True)
+        else:
+            await self._stage(desired, activate_after=True, late=True)

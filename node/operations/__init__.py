@@ -1,0 +1,1 @@
+"""Operations of the admin API: one module per family, one registry for all."""
