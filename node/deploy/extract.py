@@ -87,6 +87,12 @@ def _bad(message: str) -> DeployFailed:
     return DeployFailed(message, code="bad_payload", phase="extract")
 
 
+def _show(name: str, limit: int = 200) -> str:
+    """A member name for a message: escaped, and bounded (a pax path can be huge)."""
+    text = repr(name)
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
 class _Source:
     """The decompressed tar stream, with the decompression-bomb guard applied per chunk."""
 
@@ -201,16 +207,16 @@ def _member_parts(name: str, limits: ExtractLimits) -> tuple[str, ...]:
     if not name:
         raise _unsafe("member with an empty name")
     if _CONTROL.search(name):
-        raise _unsafe(f"member {name!r}: control character in name")
+        raise _unsafe(f"member {_show(name)}: control character in name")
     if len(name.encode("utf-8", "surrogateescape")) > limits.max_path_len:
-        raise _unsafe(f"member {name[:64]!r}...: path longer than {limits.max_path_len}")
+        raise _unsafe(f"member {_show(name)}: path longer than {limits.max_path_len}")
     if name.startswith("/"):
-        raise _unsafe(f"member {name!r}: absolute path")
+        raise _unsafe(f"member {_show(name)}: absolute path")
     parts = tuple(p for p in name.split("/") if p not in ("", "."))
     if ".." in parts:
-        raise _unsafe(f"member {name!r}: '..' in path")
+        raise _unsafe(f"member {_show(name)}: '..' in path")
     if any(len(p.encode("utf-8", "surrogateescape")) > _NAME_MAX for p in parts):
-        raise _unsafe(f"member {name!r}: path component longer than {_NAME_MAX} bytes")
+        raise _unsafe(f"member {_show(name)}: path component longer than {_NAME_MAX} bytes")
     return parts
 
 
@@ -269,7 +275,7 @@ class _Tree:
         except FileNotFoundError:
             pass
         except (NotADirectoryError, OSError) as e:
-            raise _unsafe(f"member {member!r}: {name!r} is not a directory") from e
+            raise _unsafe(f"member {_show(member)}: {_show(name)} is not a directory") from e
         os.mkdir(name, 0o700, dir_fd=parent)
         fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
         os.fchmod(fd, 0o755)  # explicit, so the result does not depend on the umask
@@ -281,7 +287,7 @@ class _Tree:
         try:
             return os.open(parts[-1], _FILE_FLAGS, 0o600, dir_fd=parent)
         except FileExistsError as e:
-            raise _unsafe(f"member {member!r}: a directory with this name exists") from e
+            raise _unsafe(f"member {_show(member)}: a directory with this name exists") from e
 
 
 def _open_source(f: BinaryIO, limits: ExtractLimits) -> _Source:
@@ -324,6 +330,8 @@ class _Extractor:
                     raise _bad("payload is not a tar or tar.gz archive") from e
                 raise _bad(f"invalid tar header after member {self.members}: {e}") from e
             first = False
+            if info.size < 0:  # base-256 sizes can be negative; it would undercount bytes
+                raise _bad(f"negative size in tar header after member {self.members}")
             if info.type in _EXT_TYPES:
                 if info.size > _MAX_EXT_HEADER:
                     raise _unsafe(f"extended header of {info.size} bytes is too large")
@@ -346,33 +354,33 @@ class _Extractor:
 
     def _member(self, info: tarfile.TarInfo, name: str, pax: dict[str, str]) -> None:
         self.members += 1
-        self.src.where = f"member {name!r}"
+        self.src.where = f"member {_show(name)}"
         if self.members > self.limits.max_members:
-            raise _unsafe(f"member {name!r}: more than {self.limits.max_members} members")
+            raise _unsafe(f"member {_show(name)}: more than {self.limits.max_members} members")
         kind = info.type
         if kind == tarfile.AREGTYPE and name.endswith("/"):
             kind = tarfile.DIRTYPE
         if kind != tarfile.DIRTYPE and kind not in _FILE_TYPES:
             what = _TYPE_NAMES.get(kind, f"member type {kind!r}")
-            raise _unsafe(f"member {name!r}: {what} is not allowed")
+            raise _unsafe(f"member {_show(name)}: {what} is not allowed")
         if kind != tarfile.DIRTYPE and name.endswith("/"):
-            raise _unsafe(f"member {name!r}: file name ends with '/'")
+            raise _unsafe(f"member {_show(name)}: file name ends with '/'")
         parts = _member_parts(name, self.limits)
         if parts in self.seen:
-            raise _unsafe(f"member {name!r}: duplicate name")
+            raise _unsafe(f"member {_show(name)}: duplicate name")
         self.seen.add(parts)
         size = info.size
         if "size" in pax:
             if not pax["size"].isdigit():
-                raise _bad(f"member {name!r}: malformed pax size")
+                raise _bad(f"member {_show(name)}: malformed pax size")
             size = int(pax["size"])
         if kind == tarfile.DIRTYPE:
             if size:
-                raise _unsafe(f"member {name!r}: directory with data")
+                raise _unsafe(f"member {_show(name)}: directory with data")
             if parts:
                 self.tree.dir_fd(parts, name)
         elif not parts:
-            raise _unsafe(f"member {name!r}: the archive root is not a directory")
+            raise _unsafe(f"member {_show(name)}: the archive root is not a directory")
         else:
             self._file(parts, name, size, info, pax)
         if parts:
@@ -389,7 +397,7 @@ class _Extractor:
     ) -> None:
         if self.bytes + size > self.limits.max_total_bytes:
             raise _unsafe(
-                f"member {name!r}: extracted size exceeds {self.limits.max_total_bytes} bytes"
+                f"member {_show(name)}: extracted size exceeds {self.limits.max_total_bytes} bytes"
             )
         fd = self.tree.create_file(parts, name)
         try:

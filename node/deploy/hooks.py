@@ -26,12 +26,15 @@ from node.errors import DeployFailed
 
 __all__ = [
     "COMPONENT_FILE",
+    "MAX_LINE_BYTES",
     "Command",
     "ComponentConfig",
     "HookResult",
     "HookSpec",
     "OutputTail",
     "RunSpec",
+    "TailDict",
+    "TailLine",
     "load_component_config",
     "run_hook",
 ]

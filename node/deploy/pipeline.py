@@ -74,6 +74,8 @@ async def stage(ctx: DeployContext, d: Deployment, *, on_step: OnStep, on_line: 
     if d.kind == "drop":
         return
     assert d.payload_hash is not None
+    if ctx.components.current(d.project) == d.deployment_id:
+        return  # already the active release here: nothing to stage
     dest = ctx.components.release_dir(d.project, d.deployment_id)
     # A release left by an interrupted earlier attempt is not trusted: start clean.
     ctx.components.discard_release(d.project, d.deployment_id)
