@@ -12,6 +12,7 @@ import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -85,6 +86,17 @@ async def _bootstrap(accounts: Accounts, config: Config) -> None:
     log.info("bootstrap_user_created", user=config.auth.bootstrap_user)
 
 
+def _sweep_tmp(tmp: Path) -> list[Path]:
+    """Remove packing temp files a crash left in the node's ``tmp`` directory."""
+    removed = []
+    if tmp.is_dir():
+        for entry in tmp.iterdir():
+            if entry.is_file() or entry.is_symlink():
+                entry.unlink(missing_ok=True)
+                removed.append(entry)
+    return removed
+
+
 def create_app(
     config: Config,
     *,
@@ -109,7 +121,7 @@ def create_app(
         store = await Store.open(data / "cairn.db", node=config.node.name, clock=clock)
         blobs = BlobStore(data / "blobs", faults=faults)
         components = Components(data / "components", faults=faults)
-        swept = blobs.sweep() + components.sweep()
+        swept = blobs.sweep() + components.sweep() + _sweep_tmp(data / "tmp")
         if swept:
             log.info("temp_files_swept", count=len(swept))
         services.store = store

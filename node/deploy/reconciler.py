@@ -23,7 +23,7 @@ from node.deploy.context import DeployContext
 from node.errors import DeployFailed
 from node.tasks import TaskSet
 from storage.records import Deployment, DeploymentStatus, NodeStatus, Notice
-from storage.tables import DEPLOYMENTS, MEMBERS
+from storage.tables import DEPLOYMENTS, MEMBERS, PAYLOAD_DROPS
 
 __all__ = ["Reconciler"]
 
@@ -55,7 +55,7 @@ class Reconciler:
 
     async def run(self) -> None:
         """Run until cancelled: a full scan at start, then react to changes."""
-        want = {DEPLOYMENTS.name, MEMBERS.name, "active_releases"}
+        want = {DEPLOYMENTS.name, MEMBERS.name, PAYLOAD_DROPS.name, "active_releases"}
         try:
             with self.ctx.store.feed.subscribe(lambda n: n.tbl in want) as sub:
                 await self.scan()
@@ -75,6 +75,8 @@ class Reconciler:
                         await self.scan()
                         continue
                     for notice in notices:
+                        if notice.tbl == PAYLOAD_DROPS.name:
+                            await self.reclaim(notice.key)
                         for row in notice.rows:
                             if isinstance(row, Deployment):
                                 await self.consider(row)
@@ -92,6 +94,17 @@ class Reconciler:
                 await self.consider(d)
         for d in await self.ctx.store.deployments(statuses=[DeploymentStatus.FAILED]):
             await self.consider(d)
+
+    async def reclaim(self, deployment_id: str) -> int:
+        """Free the local blob of a dropped payload once no live deployment uses it."""
+        d = await self.ctx.store.get_deployment(deployment_id)
+        if d is None or d.payload_hash is None or not self.ctx.blobs.has(d.payload_hash):
+            return 0
+        if await self.ctx.store.live_references(d.payload_hash):
+            return 0
+        freed = await self.ctx.blobs.delete(d.payload_hash)
+        log.info("payload_reclaimed", deployment_id=deployment_id, freed_bytes=freed)
+        return freed
 
     async def consider(self, d: Deployment) -> None:
         """Start whatever ``d`` asks of this node (at most one task per deployment)."""
