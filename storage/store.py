@@ -273,6 +273,16 @@ class Store:
         )
         return [deployment_from(DEPLOYMENTS.from_sql(r)) for r in rows]
 
+    async def latest_success_per_project(self) -> list[Deployment]:
+        """For each project, its newest ``success`` deployment."""
+        rows = await self.db.fetchall(
+            "SELECT d.* FROM deployments d JOIN (SELECT project, MAX(started_at) AS s "
+            "FROM deployments WHERE status = 'success' GROUP BY project) m "
+            "ON d.project = m.project AND d.started_at = m.s WHERE d.status = 'success' "
+            "ORDER BY d.project"
+        )
+        return [deployment_from(DEPLOYMENTS.from_sql(r)) for r in rows]
+
     async def events(self, deployment_id: str, after_seq: int = 0) -> list[Event]:
         return await ev.read(self.db, deployment_id, after_seq)
 
@@ -294,6 +304,33 @@ class Store:
             "SELECT * FROM node_results WHERE deployment_id = ? ORDER BY node", (deployment_id,)
         )
         return [result_from(NODE_RESULTS.from_sql(r)) for r in rows]
+
+    async def results_for(self, deployment_ids: Sequence[str]) -> dict[str, list[NodeResult]]:
+        """Result rows of many deployments, grouped by deployment id."""
+        out: dict[str, list[NodeResult]] = {i: [] for i in deployment_ids}
+        if not deployment_ids:
+            return out
+        marks = ", ".join("?" for _ in deployment_ids)
+        rows = await self.db.fetchall(
+            f"SELECT * FROM node_results WHERE deployment_id IN ({marks}) ORDER BY node",
+            tuple(deployment_ids),
+        )
+        for r in rows:
+            result = result_from(NODE_RESULTS.from_sql(r))
+            out[result.deployment_id].append(result)
+        return out
+
+    async def active_by_node(self) -> list[dict[str, Any]]:
+        """Per project and node, the newest deployment whose result there is ``active``."""
+        rows = await self.db.fetchall(
+            "SELECT d.project, r.node, d.deployment_id, d.payload_hash, r.completed_at, d.kind "
+            "FROM node_results r JOIN deployments d ON d.deployment_id = r.deployment_id "
+            "WHERE r.status = 'active' ORDER BY d.project, r.node, d.started_at"
+        )
+        latest: dict[tuple[str, str], dict[str, Any]] = {}
+        for r in rows:
+            latest[(r["project"], r["node"])] = dict(r)
+        return list(latest.values())
 
     async def results_of_node(self, node: str, *, statuses: Sequence[str]) -> list[NodeResult]:
         marks = ", ".join("?" for _ in statuses)

@@ -77,23 +77,28 @@ class Reconciler:
                     for notice in notices:
                         if notice.tbl == PAYLOAD_DROPS.name:
                             await self.reclaim(notice.key)
-                        for row in notice.rows:
-                            if isinstance(row, Deployment):
+                        elif notice.tbl == DEPLOYMENTS.name:
+                            rows = [r for r in notice.rows if isinstance(r, Deployment)]
+                            if not rows:
+                                fresh = await self.ctx.store.get_deployment(notice.key)
+                                rows = [fresh] if fresh is not None else []
+                            for row in rows:
                                 await self.consider(row)
         finally:
             await self._work.close()
 
     async def scan(self) -> None:
         """Look at every deployment that may still need something from this node."""
-        for d in await self.ctx.store.deployments(terminal=False):
+        store = self.ctx.store
+        for d in await store.deployments(terminal=False):
             await self.consider(d)
-        seen: set[str] = set()
-        for d in reversed(await self.ctx.store.deployments(statuses=[DeploymentStatus.SUCCESS])):
-            if d.project not in seen:
-                seen.add(d.project)
-                await self.consider(d)
-        for d in await self.ctx.store.deployments(statuses=[DeploymentStatus.FAILED]):
+        for d in await store.latest_success_per_project():
             await self.consider(d)
+        unfinished = [NodeStatus.STAGED, *_IN_PROGRESS]
+        for r in await store.results_of_node(self.ctx.node, statuses=unfinished):
+            left = await store.get_deployment(r.deployment_id)
+            if left is not None and left.terminal:
+                await self.consider(left)
 
     async def reclaim(self, deployment_id: str) -> int:
         """Free the local blob of a dropped payload once no live deployment uses it."""
@@ -119,6 +124,9 @@ class Reconciler:
 
         def forget(_task: asyncio.Task[None]) -> None:
             self._running.pop(key, None)
+            # The row may have moved on while the job ran (and its notice was skipped
+            # because the job was still registered): look at it again.
+            self.ctx.store.feed.publish([Notice(DEPLOYMENTS.name, key)])
 
         task.add_done_callback(forget)
 
@@ -137,11 +145,11 @@ class Reconciler:
         if d.status not in _WANTS_STAGE:
             return None
         if mine_status is None or mine_status in _IN_PROGRESS - {NodeStatus.ACTIVATING}:
-            return self._stage(d, activate_after=False)
+            return self._stage(d)
         if d.status is DeploymentStatus.ACTIVATING and me in d.activate_nodes and mine_status in (
             NodeStatus.STAGED, NodeStatus.ACTIVATING,
         ):  # fmt: skip
-            return self._activate(d, late=False)
+            return self._activate(d)
         return None
 
     # -- jobs -------------------------------------------------------------------------
@@ -161,7 +169,28 @@ class Reconciler:
             fields.setdefault("error", None)
         await self.ctx.store.put_result(d.deployment_id, status=status, phase=phase, **fields)
 
-    async def _stage(self, d: Deployment, *, activate_after: bool, late: bool = False) -> bool:
+    # Each job holds its project's lock from decision to last write, so two jobs of one
+    # project (a stage and a convergence, say) never interleave on the release dirs.
+
+    async def _stage(self, d: Deployment) -> None:
+        async with self._locks[d.project]:
+            await self._do_stage(d, late=False)
+
+    async def _activate(self, d: Deployment) -> None:
+        async with self._locks[d.project]:
+            await self._do_activate(d, late=False)
+
+    async def _discard(self, d: Deployment) -> None:
+        async with self._locks[d.project]:
+            if self.ctx.components.current(d.project) != d.deployment_id:
+                self.ctx.components.discard_release(d.project, d.deployment_id)
+            await self._result(d, NodeStatus.DISCARDED, "discard")
+
+    async def _converge(self, project: str) -> None:
+        async with self._locks[project]:
+            await self._do_converge(project)
+
+    async def _do_stage(self, d: Deployment, *, late: bool) -> bool:
         async def on_step(status: NodeStatus, phase: str) -> None:
             await self._result(d, status, phase, late=late)
 
@@ -171,8 +200,7 @@ class Reconciler:
         try:
             await self._result(d, NodeStatus.FETCHING, "fetch", late=late)
             await pipeline.ensure_blob(self.ctx, d, verify=True)
-            async with self._locks[d.project]:
-                await pipeline.stage(self.ctx, d, on_step=on_step, on_line=on_line)
+            await pipeline.stage(self.ctx, d, on_step=on_step, on_line=on_line)
             await self._result(d, NodeStatus.STAGED, "stage", late=late)
         except DeployFailed as e:
             error = {"message": e.message, "code": e.code, "phase": e.phase}
@@ -183,28 +211,14 @@ class Reconciler:
             log.warning("stage_failed", deployment_id=d.deployment_id, code=e.code, error=e.message)
             return False
         log.info("release_staged", deployment_id=d.deployment_id, project=d.project)
-        if activate_after:
-            await self._activate(d, late=late)
-        else:
-            # The row may have moved on while we staged; look at it again.
-            fresh = await self.ctx.store.get_deployment(d.deployment_id)
-            if fresh is not None and fresh != d:
-                self.ctx.store.feed.publish([Notice(DEPLOYMENTS.name, d.deployment_id, (fresh,))])
         return True
 
-    async def _activate(self, d: Deployment, *, late: bool) -> None:
-        async with self._locks[d.project]:
-            await self._result(d, NodeStatus.ACTIVATING, "activate", late=late)
-            await pipeline.activate(self.ctx, d)
-            await self._result(d, NodeStatus.ACTIVE, "activate", late=late)
+    async def _do_activate(self, d: Deployment, *, late: bool) -> None:
+        await self._result(d, NodeStatus.ACTIVATING, "activate", late=late)
+        await pipeline.activate(self.ctx, d)
+        await self._result(d, NodeStatus.ACTIVE, "activate", late=late)
 
-    async def _discard(self, d: Deployment) -> None:
-        async with self._locks[d.project]:
-            if self.ctx.components.current(d.project) != d.deployment_id:
-                self.ctx.components.discard_release(d.project, d.deployment_id)
-            await self._result(d, NodeStatus.DISCARDED, "discard")
-
-    async def _converge(self, project: str) -> None:
+    async def _do_converge(self, project: str) -> None:
         """Bring ``project`` on this node to the newest success that applies here."""
         me = self.ctx.node
         candidates = [
@@ -220,7 +234,7 @@ class Reconciler:
         mine = results.get(me)
         if desired.kind == "drop":
             if active_id is not None or (mine is None or mine.status is not NodeStatus.ACTIVE):
-                await self._activate(desired, late=True)
+                await self._do_activate(desired, late=True)
             return
         if active_id == desired.deployment_id:
             if mine is None or mine.status is not NodeStatus.ACTIVE:
@@ -232,6 +246,6 @@ class Reconciler:
             "converging", project=project, deployment_id=desired.deployment_id, active=active_id
         )
         if mine is not None and mine.status is NodeStatus.STAGED:
-            await self._activate(desired, late=True)
-        else:
-            await self._stage(desired, activate_after=True, late=True)
+            await self._do_activate(desired, late=True)
+        elif await self._do_stage(desired, late=True):
+            await self._do_activate(desired, late=True)
