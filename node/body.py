@@ -21,12 +21,14 @@ from typing import Any
 import cbor2
 import msgpack
 from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from node.errors import BadRequest, ReservedField, TooLarge
 
 __all__ = ["Body", "read_body"]
 
 _CHUNK = 1 << 20
+_MAX_FIELD_BYTES = 64 * 1024
 
 
 @dataclass
@@ -61,17 +63,33 @@ def _reject_constant(name: str) -> Any:
     raise BadRequest(f"JSON {name} is not a valid value")
 
 
-def _check_finite(value: Any, depth: int = 0) -> None:
+def _check_values(value: Any, depth: int = 0) -> None:
+    """Refuse NaN/Infinity, deep nesting, and text that is not valid Unicode.
+
+    JSON can spell lone surrogates (``"\\ud800"``), which no UTF-8 consumer (SQLite,
+    the filesystem, scrypt) accepts; they are refused here, once, as bad input.
+    """
     if depth > 64:
         raise BadRequest("body is nested too deeply")
     if isinstance(value, float) and not math.isfinite(value):
         raise BadRequest("NaN and Infinity are not valid values")
-    if isinstance(value, dict):
-        for v in value.values():
-            _check_finite(v, depth + 1)
+    if isinstance(value, str):
+        _check_text(value)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if isinstance(k, str):
+                _check_text(k)
+            _check_values(v, depth + 1)
     elif isinstance(value, list):
         for v in value:
-            _check_finite(v, depth + 1)
+            _check_values(v, depth + 1)
+
+
+def _check_text(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("text must be valid Unicode (no lone surrogates)") from None
 
 
 async def _read_limited(request: web.Request, limit: int, idle_s: float) -> bytes:
@@ -145,7 +163,7 @@ async def read_body(request: web.Request, *, max_body_bytes: int, idle_s: float)
     if not isinstance(value, dict):
         raise BadRequest("body must be an object with an 'operation' field")
     _check_reserved(value)
-    _check_finite(value)
+    _check_values(value)
     body = Body(fields=value)
     payload = value.pop("payload", None)
     if isinstance(payload, bytes | bytearray):
@@ -165,7 +183,7 @@ async def read_body(request: web.Request, *, max_body_bytes: int, idle_s: float)
 async def _read_multipart(request: web.Request, idle_s: float) -> Body:
     try:
         reader = await request.multipart()
-    except (ValueError, AssertionError) as e:
+    except (ValueError, AssertionError, HttpProcessingError) as e:
         raise BadRequest(f"malformed multipart body: {e}") from None
     fields: dict[str, Any] = {}
     body = Body(fields=fields, form=True)
@@ -174,7 +192,7 @@ async def _read_multipart(request: web.Request, idle_s: float) -> Body:
             part = await asyncio.wait_for(reader.next(), idle_s)
         except TimeoutError:
             raise BadRequest("request body was not received in time", code="body_timeout") from None
-        except ValueError as e:
+        except (ValueError, HttpProcessingError) as e:
             raise BadRequest(f"malformed multipart body: {e}") from None
         if part is None:
             break
@@ -189,14 +207,27 @@ async def _read_multipart(request: web.Request, idle_s: float) -> Body:
             break
         if len(fields) >= 100:
             raise BadRequest("too many multipart fields")
-        value = await part.read(decode=True)
-        if len(value) > 64 * 1024:
-            raise TooLarge(f"multipart field '{name}' is too large")
+        value = await _read_field(part, name, idle_s)
         try:
             fields[name] = value.decode("utf-8")
         except UnicodeDecodeError:
             raise BadRequest(f"multipart field '{name}' is not UTF-8 text", field=name) from None
     return body
+
+
+async def _read_field(part: BodyPartReader, name: str, idle_s: float) -> bytes:
+    """One non-payload field, refused once it passes 64 KiB (never buffered beyond that)."""
+    data = bytearray()
+    try:
+        while chunk := await asyncio.wait_for(part.read_chunk(16 * 1024), idle_s):
+            data += chunk
+            if len(data) > _MAX_FIELD_BYTES:
+                raise TooLarge(f"multipart field '{name}' is larger than {_MAX_FIELD_BYTES} bytes")
+        return bytes(part.decode(data))
+    except TimeoutError:
+        raise BadRequest("request body was not received in time", code="body_timeout") from None
+    except (ValueError, HttpProcessingError) as e:  # truncated part, bad transfer encoding
+        raise BadRequest(f"malformed multipart field '{name}': {e}", field=name) from None
 
 
 async def _stream_part(part: BodyPartReader, idle_s: float) -> AsyncIterator[bytes]:

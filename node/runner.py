@@ -44,7 +44,15 @@ async def serve(config: Config, *, faults: object | None = None) -> None:
         from replication.tls import admin_ssl_context
 
         ssl_ctx = admin_ssl_context(config.admin.tls_cert, config.admin.tls_key)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=5.0,
+        # aiohttp arms this timer from the moment a connection opens until a request's
+        # headers are complete, so it is also the header deadline for slow clients.
+        keepalive_timeout=config.limits.header_timeout_s,
+    )
     started = time.monotonic()
     try:
         await runner.setup()
