@@ -72,12 +72,16 @@ def _payload_source(
         return bytes_source(body.payload_bytes), None
     if package is not None:
         config = call.config
-        scheme = urlparse(package).scheme
+        try:
+            parsed = urlparse(package)
+        except ValueError:  # e.g. an unclosed IPv6 bracket
+            raise BadRequest("'package' is not a valid URL or path", field="package") from None
+        scheme = parsed.scheme
         if scheme in ("http", "https"):
             return url_source(package, timeout_s=config.deploy.package_fetch_timeout_s), package
         if scheme not in ("", "file"):
             raise BadRequest("'package' must be an http(s) URL or a local path", field="package")
-        path_text = urlparse(package).path if scheme == "file" else package
+        path_text = parsed.path if scheme == "file" else package
         path, temporary = local_package(
             path_text, config.deploy.allowed_package_dirs, config.node.data_dir / "tmp"
         )
@@ -370,3 +374,58 @@ async def drop_component(call: Call) -> dict[str, Any]:
     except DeployFailed as e:
         await _enrich_failure(call, e, d.deployment_id)
         raise
+
+
+@registry.add("pin_deployment")
+async def pin_deployment(call: Call) -> dict[str, Any]:
+    """Pin (or unpin) a deploy so retention never drops its payload."""
+    deployment_id = call.fields.deployment_id()
+    assert deployment_id is not None
+    d = await _get(call, deployment_id)
+    if not d.terminal:
+        raise Conflict(f"deployment {deployment_id} is {d.status}; pin it once it is over")
+    pinned = call.fields.boolean("pinned", default=True)
+    await call.services.store.write_deployment(
+        deployment_id, {"pinned": pinned}, user=call.principal.username
+    )
+    return {"deployment_id": deployment_id, "pinned": pinned}
+
+
+@registry.add("prune_deployment_payloads")
+async def prune_deployment_payloads(call: Call) -> dict[str, Any]:
+    """Drop payloads per the retention policy (SPEC section 8); records are kept."""
+    project = call.fields.project(required=False)
+    dry_run = call.fields.boolean("dry_run", default=False)
+    ctx = call.services.ctx
+    retention = call.config.retention
+    now = ctx.store.clock.now_ms()
+    candidates = await ctx.store.deployments(terminal=True, project=project)
+    dropped_already = await ctx.store.dropped([d.deployment_id for d in candidates])
+    by_project: dict[str, list[Deployment]] = {}
+    for d in candidates:
+        if d.kind == "deploy" and d.payload_hash and d.deployment_id not in dropped_already:
+            by_project.setdefault(d.project, []).append(d)
+    victims: list[Deployment] = []
+    for project_deploys in by_project.values():
+        successes = [d for d in reversed(project_deploys) if d.status is DeploymentStatus.SUCCESS]
+        keep = {d.deployment_id for d in successes[: retention.keep_successful]}
+        if successes:
+            keep.add(successes[0].deployment_id)  # never the active one
+        for d in project_deploys:
+            if d.pinned or d.deployment_id in keep:
+                continue
+            if d.status is DeploymentStatus.SUCCESS or (d.completed_at or d.started_at) + retention.failed_grace_s * 1000 <= now:
+                victims.append(d)
+    freed = 0
+    if dry_run:
+        victim_ids = {d.deployment_id for d in victims}
+        for h in {d.payload_hash for d in victims if d.payload_hash}:
+            users = await ctx.store.deployments(payload_hash=h)
+            if ctx.blobs.has(h) and all(
+                u.deployment_id in victim_ids or u.deployment_id in dropped_already for u in users
+            ):
+                freed += ctx.blobs.size(h)
+    else:
+        for d in victims:
+            freed += await drop_payload(ctx, d, user=call.principal.username)
+    return {"freed_bytes": freed, "dropped": [d.deployment_id for d in victims], "dry_run": dry_run}
