@@ -131,9 +131,15 @@ def create_app(
         services.tasks = TaskSet("node")
         solo = SoloCluster(config.node.name)
         services.ctx = DeployContext(
-            node=config.node.name, store=store, blobs=blobs, components=components,
-            limits=config.limits, cluster=solo, fetcher=solo, faults=faults,
-        )  # fmt: skip
+            node=config.node.name,
+            store=store,
+            blobs=blobs,
+            components=components,
+            limits=config.limits,
+            cluster=solo,
+            fetcher=solo,
+            faults=faults,
+        )
         try:
             yield
         finally:

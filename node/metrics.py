@@ -19,10 +19,12 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Histogram(
-            "cairn_request_duration_seconds", "Admin API request latency",
-            ["operation", "status"], registry=r,
+            "cairn_request_duration_seconds",
+            "Admin API request latency",
+            ["operation", "status"],
+            registry=r,
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120),
-        )  # fmt: skip
+        )
         self.deployments = Gauge(
             "cairn_deployments", "Deployment records on this node by status", ["status"], registry=r
         )

@@ -70,10 +70,11 @@ def pack_directory(root: Path, out: IO[bytes], *, level: int = 6) -> int:
             rel_dir = os.path.relpath(dirpath, root)
             rel_dir = "" if rel_dir == "." else rel_dir.replace(os.sep, "/")
             dirnames[:] = sorted(
-                d for d in dirnames
+                d
+                for d in dirnames
                 if not rules.ignored(f"{rel_dir}/{d}".lstrip("/"), True)
                 and not os.path.islink(os.path.join(dirpath, d))
-            )  # fmt: skip
+            )
             for d in dirnames:
                 rel = f"{rel_dir}/{d}".lstrip("/")
                 tar.add(os.path.join(dirpath, d), arcname=rel, recursive=False)

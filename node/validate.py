@@ -19,6 +19,7 @@ __all__ = ["PROJECT_RE", "Fields"]
 
 PROJECT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _MISSING = object()
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 class Fields:
@@ -90,6 +91,8 @@ class Fields:
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise BadRequest(f"'{name}' must be an integer", field=name)
+        if not _INT64_MIN <= value <= _INT64_MAX:  # SQLite integers are 64-bit
+            raise BadRequest(f"'{name}' is out of range", field=name)
         if minimum is not None and value < minimum:
             raise BadRequest(f"'{name}' must be at least {minimum}", field=name)
         if maximum is not None and value > maximum:

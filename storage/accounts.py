@@ -45,8 +45,13 @@ class Accounts:
     async def put_user(
         self, username: str, *, password_hash: str, role: str, active: bool = True, by: str | None
     ) -> User:
-        row = {"username": username, "password_hash": password_hash, "role": role,
-               "active": active, "deleted": False}  # fmt: skip
+        row = {
+            "username": username,
+            "password_hash": password_hash,
+            "role": role,
+            "active": active,
+            "deleted": False,
+        }
         return user_from(await self._put(USERS, row, by))
 
     async def delete_user(self, username: str, *, by: str | None) -> bool:

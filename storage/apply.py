@@ -109,9 +109,14 @@ async def _apply_row(store: Store, tx: Tx, spec: TableSpec, change: Change) -> i
             return 0
     await tx.conn.execute(spec.upsert_sql(), spec.to_sql(row))
     await tx.log(
-        spec.name, change.key, version=change.version, origin=change.origin, op="upsert",
-        data=row, user=change.user,
-    )  # fmt: skip
+        spec.name,
+        change.key,
+        version=change.version,
+        origin=change.origin,
+        op="upsert",
+        data=row,
+        user=change.user,
+    )
     value = _BUILDERS[spec.name](row) if spec.name in _BUILDERS else None
     tx.notify(Notice(spec.name, _notice_key(spec, row), (value,) if value else (), remote=True))
     return 1
@@ -140,8 +145,12 @@ async def _apply_events(tx: Tx, change: Change) -> int:
     if not new:
         return 0
     await tx.log(
-        ev.TABLE, change.key, version=change.version, origin=change.origin, op="append",
+        ev.TABLE,
+        change.key,
+        version=change.version,
+        origin=change.origin,
+        op="append",
         data=[e.as_dict() for e in new],
-    )  # fmt: skip
+    )
     tx.notify(Notice(ev.TABLE, change.key, tuple(new), remote=True))
     return 1

@@ -142,9 +142,14 @@ class Store:
         row = dict(row, version=self.clock.tick(), origin=self.node)
         await tx.conn.execute(spec.upsert_sql(), spec.to_sql(row))
         await tx.log(
-            spec.name, spec.key(row), version=row["version"], origin=self.node, op="upsert",
-            data=row, user=user,
-        )  # fmt: skip
+            spec.name,
+            spec.key(row),
+            version=row["version"],
+            origin=self.node,
+            op="upsert",
+            data=row,
+            user=user,
+        )
         return row
 
     async def get_row(
@@ -203,9 +208,13 @@ class Store:
             if events:
                 written = await ev.append(tx, deployment_id, events)
                 await tx.log(
-                    ev.TABLE, deployment_id, version=self.clock.tick(), origin=self.node,
-                    op="append", data=[e.as_dict() for e in written],
-                )  # fmt: skip
+                    ev.TABLE,
+                    deployment_id,
+                    version=self.clock.tick(),
+                    origin=self.node,
+                    op="append",
+                    data=[e.as_dict() for e in written],
+                )
                 tx.notify(Notice(ev.TABLE, deployment_id, tuple(written)))
         return d, written
 
@@ -292,9 +301,15 @@ class Store:
         """Write this node's result row for a deployment (merging with what is stored)."""
         async with self.tx() as tx:
             current = await self.get_row(NODE_RESULTS, (deployment_id, self.node), tx) or {
-                "deployment_id": deployment_id, "node": self.node, "phase": None, "error": None,
-                "started_at": None, "completed_at": None, "late": False, "install_output": None,
-            }  # fmt: skip
+                "deployment_id": deployment_id,
+                "node": self.node,
+                "phase": None,
+                "error": None,
+                "started_at": None,
+                "completed_at": None,
+                "late": False,
+                "install_output": None,
+            }
             r = result_from(await self.put_row(tx, NODE_RESULTS, {**current, **fields}))
             tx.notify(Notice(NODE_RESULTS.name, deployment_id, (r,)))
         return r
@@ -441,6 +456,21 @@ class Store:
                 size += change.size
         return out, last
 
+    async def backlog_bytes(
+        self, after_seq: int, *, skip_origin: str | None = None, window: int = 100_000
+    ) -> int:
+        """Bytes of change data after ``after_seq`` not written by ``skip_origin``.
+
+        A replication sender reports it as the receiver's lag in bytes. At most
+        ``window`` entries are counted, so the cost stays bounded however far behind.
+        """
+        row = await self.db.fetchone(
+            "SELECT COALESCE(SUM(length(data)), 0) AS n FROM (SELECT data FROM changelog "
+            "WHERE seq > ? AND origin IS NOT ? ORDER BY seq LIMIT ?)",
+            (after_seq, skip_origin, window),
+        )
+        return int(row["n"]) if row is not None else 0
+
     async def cursor(self, peer: str) -> int:
         row = await self.db.fetchone("SELECT seq FROM peer_cursors WHERE peer = ?", (peer,))
         return int(row["seq"]) if row else 0
@@ -474,10 +504,18 @@ class Store:
             (*params, limit),
         )
         return [
-            {"seq": r["seq"], "table": r["tbl"], "key": r["key"], "operation": r["op"],
-             "user": r["user"], "node": r["origin"], "version": r["version"], "timestamp": r["t"]}
+            {
+                "seq": r["seq"],
+                "table": r["tbl"],
+                "key": r["key"],
+                "operation": r["op"],
+                "user": r["user"],
+                "node": r["origin"],
+                "version": r["version"],
+                "timestamp": r["t"],
+            }
             for r in rows
-        ]  # fmt: skip
+        ]
 
 
 def _check_transition(d: Deployment, changes: dict[str, Any]) -> None:

@@ -93,8 +93,10 @@ class NodeProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "node", "node", "run", "--config", str(self.config_path)],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
-        )  # fmt: skip
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
         log.close()
         if wait:
             self.wait_healthy()
@@ -139,8 +141,15 @@ class NodeProcess:
         assert self.proc is not None
         return self.proc.wait(timeout_s)
 
-    def op(self, operation: str, *, user: str = ADMIN_USER, password: str = ADMIN_PASSWORD,
-           timeout_s: float = 60.0, **fields: Any) -> tuple[int, Any]:  # fmt: skip
+    def op(
+        self,
+        operation: str,
+        *,
+        user: str = ADMIN_USER,
+        password: str = ADMIN_PASSWORD,
+        timeout_s: float = 60.0,
+        **fields: Any,
+    ) -> tuple[int, Any]:
         """One JSON operation; returns (status, parsed body)."""
         body = json.dumps({"operation": operation, **fields}).encode()
         req = urllib.request.Request(self.url + "/", data=body, method="POST")

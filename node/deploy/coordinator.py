@@ -40,12 +40,26 @@ def peer_results(d: Deployment, results: list[NodeResult]) -> list[dict[str, Any
     for node in sorted(set(d.expected_nodes) | set(by_node)):
         r = by_node.get(node)
         out.append(
-            {"node": node, "status": "pending", "phase": None, "error": None,
-             "started_at": None, "completed_at": None, "late": False}
-            if r is None else
-            {"node": node, "status": str(r.status), "phase": r.phase, "error": r.error,
-             "started_at": r.started_at, "completed_at": r.completed_at, "late": r.late}
-        )  # fmt: skip
+            {
+                "node": node,
+                "status": "pending",
+                "phase": None,
+                "error": None,
+                "started_at": None,
+                "completed_at": None,
+                "late": False,
+            }
+            if r is None
+            else {
+                "node": node,
+                "status": str(r.status),
+                "phase": r.phase,
+                "error": r.error,
+                "started_at": r.started_at,
+                "completed_at": r.completed_at,
+                "late": r.late,
+            }
+        )
     return out
 
 
@@ -171,9 +185,11 @@ class Coordinator:
             ]
             if failed and not d.ignore_replication_errors:
                 raise DeployFailed(
-                    _failed_message(failed, results), code="replication_failed", phase="replicate",
+                    _failed_message(failed, results),
+                    code="replication_failed",
+                    phase="replicate",
                     failed_nodes=failed,
-                )  # fmt: skip
+                )
             if d.ignore_replication_errors:
                 # Unreachable nodes do not hold up a deploy that may go on without them;
                 # they converge to it when they return.
@@ -187,8 +203,10 @@ class Coordinator:
                     break
                 raise DeployFailed(
                     f"no answer within {d.timeout_ms} ms from {', '.join(waiting)}",
-                    code="deployment_timeout", phase="replicate", failed_nodes=waiting,
-                )  # fmt: skip
+                    code="deployment_timeout",
+                    phase="replicate",
+                    failed_nodes=waiting,
+                )
             await sub.get(timeout_s=min(remaining_s, 1.0))
         skipped = [
             n

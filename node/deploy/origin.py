@@ -59,16 +59,29 @@ class Origin:
         """Write the ``pending`` row and its first event. Nothing else is touched."""
         now = self.ctx.store.clock.now_ms()
         fields: dict[str, Any] = {
-            "deployment_id": str(uuid.uuid4()), "project": req.project, "kind": req.kind,
-            "package_identifier": req.package_identifier, "payload_hash": None,
-            "payload_size": None, "status": DeploymentStatus.PENDING, "phase": "receive",
-            "expected_nodes": self.expected_nodes(req.replicated), "activate_nodes": [],
-            "origin_node": self.ctx.node, "restart_mode": req.restart_mode,
-            "replicated": req.replicated, "ignore_replication_errors": req.ignore_replication_errors,
-            "timeout_ms": req.timeout_ms, "deadline_at": None, "started_at": now,
-            "completed_at": None, "user": req.user, "rollback_of": req.rollback_of,
-            "error": None, "pinned": False,
-        }  # fmt: skip
+            "deployment_id": str(uuid.uuid4()),
+            "project": req.project,
+            "kind": req.kind,
+            "package_identifier": req.package_identifier,
+            "payload_hash": None,
+            "payload_size": None,
+            "status": DeploymentStatus.PENDING,
+            "phase": "receive",
+            "expected_nodes": self.expected_nodes(req.replicated),
+            "activate_nodes": [],
+            "origin_node": self.ctx.node,
+            "restart_mode": req.restart_mode,
+            "replicated": req.replicated,
+            "ignore_replication_errors": req.ignore_replication_errors,
+            "timeout_ms": req.timeout_ms,
+            "deadline_at": None,
+            "started_at": now,
+            "completed_at": None,
+            "user": req.user,
+            "rollback_of": req.rollback_of,
+            "error": None,
+            "pinned": False,
+        }
         d = await self.ctx.store.create_deployment(fields)
         rec = Recorder(self.ctx.store, d.deployment_id)
         d, _ = await rec.write(
@@ -91,8 +104,10 @@ class Origin:
         if not (self.ctx.cluster.connected() & set(peers)):
             err = DeployFailed(
                 f"no peer is reachable (expected {', '.join(peers)})",
-                code="replication_failed", phase="replicate", failed_nodes=peers,
-            )  # fmt: skip
+                code="replication_failed",
+                phase="replicate",
+                failed_nodes=peers,
+            )
             await self.fail(d, rec, err)
             raise err
 
@@ -109,8 +124,9 @@ class Origin:
         except BlobTooLarge as e:
             err = DeployFailed(
                 f"payload is larger than {self.ctx.limits.max_payload_bytes} bytes",
-                code="too_large", phase="receive",
-            )  # fmt: skip
+                code="too_large",
+                phase="receive",
+            )
             await self.fail(d, rec, err)
             raise err from e
         except DeployFailed as e:
@@ -131,10 +147,13 @@ class Origin:
     ) -> Deployment:
         self.ctx.faults.hit("deploy.after_receive")
         d, _ = await rec.write(
-            {"payload_hash": payload_hash, "payload_size": size,
-             "deadline_at": self.ctx.store.clock.now_ms() + d.timeout_ms},
+            {
+                "payload_hash": payload_hash,
+                "payload_size": size,
+                "deadline_at": self.ctx.store.clock.now_ms() + d.timeout_ms,
+            },
             ("phase", {"phase": "receive", "status": "done"}),
-        )  # fmt: skip
+        )
         return d
 
     async def reuse_blob(self, d: Deployment, rec: Recorder, source: Deployment) -> Deployment:
@@ -148,18 +167,21 @@ class Origin:
         if h is None or dropped or not self.ctx.blobs.has(h) or not await self.ctx.blobs.verify(h):
             err = DeployFailed(
                 f"the payload of deployment {source.deployment_id} is not available",
-                code="payload_gone", phase="receive",
-            )  # fmt: skip
+                code="payload_gone",
+                phase="receive",
+            )
             await self.fail(d, rec, err)
             raise Gone(err.message, deployment_id=d.deployment_id, phase="receive") from None
         return await self.received(d, rec, h, self.ctx.blobs.size(h))
 
     async def fail(self, d: Deployment, rec: Recorder, err: DeployFailed) -> Deployment:
         await self.ctx.store.put_result(
-            d.deployment_id, status=NodeStatus.FAILED, phase=err.phase,
+            d.deployment_id,
+            status=NodeStatus.FAILED,
+            phase=err.phase,
             error={"message": err.message, "code": err.code, "phase": err.phase},
             completed_at=self.ctx.store.clock.now_ms(),
-        )  # fmt: skip
+        )
         err.extra.setdefault("deployment_id", d.deployment_id)
         return await fail(self.ctx, rec, err)
 
@@ -188,10 +210,14 @@ class Origin:
                 continue
             self.ctx.components.discard_release(d.project, d.deployment_id)
             await self.fail(
-                d, rec,
-                DeployFailed("the node stopped while this deploy was running",
-                             code="interrupted", phase=d.phase or "receive"),
-            )  # fmt: skip
+                d,
+                rec,
+                DeployFailed(
+                    "the node stopped while this deploy was running",
+                    code="interrupted",
+                    phase=d.phase or "receive",
+                ),
+            )
             failed.append(d.deployment_id)
             log.warning("deploy_interrupted", deployment_id=d.deployment_id, status=str(d.status))
         return failed

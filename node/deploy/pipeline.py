@@ -124,13 +124,17 @@ async def _hook(
     if result.timed_out:
         raise DeployFailed(
             f"{name} hook timed out after {spec.timeout_s:g} s",
-            code=f"{name}_failed", phase=name, install_output=tail.as_dict(),
-        )  # fmt: skip
+            code=f"{name}_failed",
+            phase=name,
+            install_output=tail.as_dict(),
+        )
     if result.exit_code != 0:
         raise DeployFailed(
             f"{name} hook exited with status {result.exit_code}",
-            code=f"{name}_failed", phase=name, install_output=tail.as_dict(),
-        )  # fmt: skip
+            code=f"{name}_failed",
+            phase=name,
+            install_output=tail.as_dict(),
+        )
 
 
 async def activate(ctx: DeployContext, d: Deployment) -> str | None:

@@ -29,8 +29,14 @@ __all__ = ["Reconciler"]
 
 log = structlog.get_logger(__name__)
 
-_IN_PROGRESS = {NodeStatus.PENDING, NodeStatus.FETCHING, NodeStatus.EXTRACTING,
-                NodeStatus.INSTALLING, NodeStatus.LOADING, NodeStatus.ACTIVATING}  # fmt: skip
+_IN_PROGRESS = {
+    NodeStatus.PENDING,
+    NodeStatus.FETCHING,
+    NodeStatus.EXTRACTING,
+    NodeStatus.INSTALLING,
+    NodeStatus.LOADING,
+    NodeStatus.ACTIVATING,
+}
 _WANTS_STAGE = {DeploymentStatus.REPLICATING, DeploymentStatus.ACTIVATING}
 
 
@@ -146,9 +152,15 @@ class Reconciler:
             return None
         if mine_status is None or mine_status in _IN_PROGRESS - {NodeStatus.ACTIVATING}:
             return self._stage(d)
-        if d.status is DeploymentStatus.ACTIVATING and me in d.activate_nodes and mine_status in (
-            NodeStatus.STAGED, NodeStatus.ACTIVATING,
-        ):  # fmt: skip
+        if (
+            d.status is DeploymentStatus.ACTIVATING
+            and me in d.activate_nodes
+            and mine_status
+            in (
+                NodeStatus.STAGED,
+                NodeStatus.ACTIVATING,
+            )
+        ):
             return self._activate(d)
         return None
 
@@ -205,9 +217,13 @@ class Reconciler:
         except DeployFailed as e:
             error = {"message": e.message, "code": e.code, "phase": e.phase}
             await self._result(
-                d, NodeStatus.FAILED, e.phase, error=error, late=late,
+                d,
+                NodeStatus.FAILED,
+                e.phase,
+                error=error,
+                late=late,
                 install_output=e.extra.get("install_output"),
-            )  # fmt: skip
+            )
             log.warning("stage_failed", deployment_id=d.deployment_id, code=e.code, error=e.message)
             return False
         log.info("release_staged", deployment_id=d.deployment_id, project=d.project)
@@ -222,9 +238,12 @@ class Reconciler:
         """Bring ``project`` on this node to the newest success that applies here."""
         me = self.ctx.node
         candidates = [
-            d for d in await self.ctx.store.deployments(statuses=[DeploymentStatus.SUCCESS], project=project)
+            d
+            for d in await self.ctx.store.deployments(
+                statuses=[DeploymentStatus.SUCCESS], project=project
+            )
             if d.replicated or d.origin_node == me
-        ]  # fmt: skip
+        ]
         if not candidates:
             return
         desired = candidates[-1]
@@ -245,7 +264,6 @@ class Reconciler:
         log.info(
             "converging", project=project, deployment_id=desired.deployment_id, active=active_id
         )
-        if mine is not None and mine.status is NodeStatus.STAGED:
-            await self._do_activate(desired, late=True)
-        elif await self._do_stage(desired, late=True):
+        staged = mine is not None and mine.status is NodeStatus.STAGED
+        if staged or await self._do_stage(desired, late=True):
             await self._do_activate(desired, late=True)

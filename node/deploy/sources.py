@@ -26,14 +26,14 @@ async def bytes_source(data: bytes) -> AsyncIterator[bytes]:
 
 async def file_source(path: Path, *, delete: bool = False) -> AsyncIterator[bytes]:
     """The bytes of a local file, read in a worker thread."""
-    f = await asyncio.to_thread(path.open, "rb")
+    f = await asyncio.to_thread(open, path, "rb")
     try:
         while chunk := await asyncio.to_thread(f.read, _CHUNK):
             yield chunk
     finally:
         f.close()
         if delete:
-            path.unlink(missing_ok=True)
+            await asyncio.to_thread(path.unlink, missing_ok=True)
 
 
 async def url_source(url: str, *, timeout_s: float) -> AsyncIterator[bytes]:
@@ -48,8 +48,9 @@ async def url_source(url: str, *, timeout_s: float) -> AsyncIterator[bytes]:
             if resp.status != 200:
                 raise DeployFailed(
                     f"fetching {url} answered HTTP {resp.status}",
-                    code="package_fetch_failed", phase="receive",
-                )  # fmt: skip
+                    code="package_fetch_failed",
+                    phase="receive",
+                )
             async for chunk in resp.content.iter_chunked(_CHUNK):
                 yield chunk
     except (aiohttp.ClientError, TimeoutError) as e:

@@ -48,8 +48,12 @@ def _node_name(call: Call) -> str:
 async def add_node(call: Call) -> dict[str, Any]:
     name = _node_name(call)
     url = call.fields.req_str("url", max_len=512)
-    parsed = urlparse(url)
-    if parsed.scheme != "wss" or not parsed.hostname or not parsed.port:
+    try:
+        parsed = urlparse(url)
+        port = parsed.port  # raises for a port out of range
+    except ValueError:
+        port = None
+    if port is None or parsed.scheme != "wss" or not parsed.hostname:
         raise BadRequest("'url' must be wss://host:port (the peer's replication port)", field="url")
     if name == call.config.node.name:
         raise Conflict("a node cannot add itself", field="name")

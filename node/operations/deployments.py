@@ -54,12 +54,14 @@ def _payload_source(
     f, body = call.fields, call.body
     package = f.string("package")
     given = [
-        n for n, present in (
+        n
+        for n, present in (
             ("payload", body.payload_bytes is not None or body.payload_stream is not None),
             ("package", package is not None),
             ("rollback_from", f.has("rollback_from")),
-        ) if present
-    ]  # fmt: skip
+        )
+        if present
+    ]
     if len(given) != 1:
         raise BadRequest(
             "give exactly one of 'payload', 'package' or 'rollback_from'"
@@ -102,12 +104,15 @@ async def deploy_component(call: Call) -> dict[str, Any] | web.StreamResponse:
         restart_mode=f.restart(),
         replicated=f.boolean("replicated", default=True),
         timeout_ms=f.integer(
-            "deployment_timeout", default=config.limits.deployment_timeout_ms,
-            minimum=100, maximum=86_400_000,
-        ) or config.limits.deployment_timeout_ms,
+            "deployment_timeout",
+            default=config.limits.deployment_timeout_ms,
+            minimum=100,
+            maximum=86_400_000,
+        )
+        or config.limits.deployment_timeout_ms,
         ignore_replication_errors=f.boolean("ignore_replication_errors", default=False),
         rollback_of=rollback_from,
-    )  # fmt: skip
+    )
     source, package = _payload_source(call, req)
     rollback_source: Deployment | None = None
     if rollback_from is not None:
@@ -145,9 +150,14 @@ async def deploy_component(call: Call) -> dict[str, Any] | web.StreamResponse:
 
     if call.wants_sse:
         return await stream_deployment(
-            call.request, call.services.store, d.deployment_id, finish=finish, done=task.done,
-            resume_after=None, ping_s=config.admin.sse_ping_s,
-        )  # fmt: skip
+            call.request,
+            call.services.store,
+            d.deployment_id,
+            finish=finish,
+            done=task.done,
+            resume_after=None,
+            ping_s=config.admin.sse_ping_s,
+        )
     return await finish()
 
 
@@ -203,9 +213,14 @@ async def get_deployment(call: Call) -> dict[str, Any] | web.StreamResponse:
         return await _view(call, fresh, events=True)
 
     return await stream_deployment(
-        call.request, store, deployment_id, finish=finish, done=lambda: False,
-        resume_after=resume, ping_s=call.config.admin.sse_ping_s,
-    )  # fmt: skip
+        call.request,
+        store,
+        deployment_id,
+        finish=finish,
+        done=lambda: False,
+        resume_after=resume,
+        ping_s=call.config.admin.sse_ping_s,
+    )
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int]:
@@ -284,14 +299,16 @@ async def delete_deployment_payload(call: Call) -> dict[str, Any]:
     d = await _get(call, deployment_id)
     if not d.terminal:
         raise Conflict(
-            f"deployment {deployment_id} is {d.status}; payloads can only be deleted once it is over",
+            f"deployment {deployment_id} is {d.status}; "
+            "its payload can only be deleted once it is over",
             deployment_id=deployment_id,
         )
     ctx = call.services.ctx
     desired = [
-        x for x in await ctx.store.deployments(statuses=[DeploymentStatus.SUCCESS], project=d.project)
+        x
+        for x in await ctx.store.deployments(statuses=[DeploymentStatus.SUCCESS], project=d.project)
         if x.replicated
-    ]  # fmt: skip
+    ]
     if desired and desired[-1].deployment_id == deployment_id and d.kind == "deploy":
         raise Conflict(
             f"deployment {deployment_id} is the active deploy of {d.project}; "
@@ -323,20 +340,33 @@ async def get_components(call: Call) -> dict[str, Any]:
     projects: dict[str, dict[str, Any]] = {}
     for project, row in active.items():
         projects[project] = {
-            "project": project, "deployment_id": row["deployment_id"],
-            "payload_hash": row["payload_hash"], "activated_at": row["activated_at"], "nodes": [],
-        }  # fmt: skip
+            "project": project,
+            "deployment_id": row["deployment_id"],
+            "payload_hash": row["payload_hash"],
+            "activated_at": row["activated_at"],
+            "nodes": [],
+        }
     for row in per_node:
         if row["kind"] == "drop":
             continue  # the newest thing active on that node is the removal itself
-        entry = projects.setdefault(row["project"], {
-            "project": row["project"], "deployment_id": None, "payload_hash": None,
-            "activated_at": None, "nodes": [],
-        })  # fmt: skip
-        entry["nodes"].append({
-            "node": row["node"], "deployment_id": row["deployment_id"],
-            "payload_hash": row["payload_hash"], "activated_at": row["completed_at"],
-        })  # fmt: skip
+        entry = projects.setdefault(
+            row["project"],
+            {
+                "project": row["project"],
+                "deployment_id": None,
+                "payload_hash": None,
+                "activated_at": None,
+                "nodes": [],
+            },
+        )
+        entry["nodes"].append(
+            {
+                "node": row["node"],
+                "deployment_id": row["deployment_id"],
+                "payload_hash": row["payload_hash"],
+                "activated_at": row["completed_at"],
+            }
+        )
     return {
         "node": call.config.node.name,
         "components": sorted(projects.values(), key=lambda p: p["project"]),
@@ -353,18 +383,22 @@ async def drop_component(call: Call) -> dict[str, Any]:
         raise NotFound(f"project {project} is not deployed", project=project)
     origin = call.services.origin
     req = DeployRequest(
-        project=project, user=call.principal.username, kind="drop",
+        project=project,
+        user=call.principal.username,
+        kind="drop",
         replicated=call.fields.boolean("replicated", default=True),
         timeout_ms=call.config.limits.deployment_timeout_ms,
         ignore_replication_errors=call.fields.boolean("ignore_replication_errors", default=False),
-    )  # fmt: skip
+    )
     d, rec = await origin.create(req)
 
     async def job() -> dict[str, Any]:
         nonlocal d
         await origin.check_reachable(d, rec)
-        d, _ = await rec.write({"deadline_at": store.clock.now_ms() + d.timeout_ms},
-                               ("phase", {"phase": "receive", "status": "done"}))  # fmt: skip
+        d, _ = await rec.write(
+            {"deadline_at": store.clock.now_ms() + d.timeout_ms},
+            ("phase", {"phase": "receive", "status": "done"}),
+        )
         final = await origin.launch(d, rec)
         return _success_body(final, peer_results(final, await store.results(final.deployment_id)))
 
@@ -414,7 +448,10 @@ async def prune_deployment_payloads(call: Call) -> dict[str, Any]:
         for d in project_deploys:
             if d.pinned or d.deployment_id in keep:
                 continue
-            if d.status is DeploymentStatus.SUCCESS or (d.completed_at or d.started_at) + retention.failed_grace_s * 1000 <= now:
+            if (
+                d.status is DeploymentStatus.SUCCESS
+                or (d.completed_at or d.started_at) + retention.failed_grace_s * 1000 <= now
+            ):
                 victims.append(d)
     freed = 0
     if dry_run:

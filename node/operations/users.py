@@ -80,9 +80,12 @@ async def alter_user(call: Call) -> dict[str, Any]:
     await _role_exists(call, role)
     hashed = await asyncio.to_thread(hash_password, password) if password else user.password_hash
     await accounts.put_user(
-        username, password_hash=hashed, role=role,
-        active=call.fields.boolean("active", default=user.active), by=call.principal.username,
-    )  # fmt: skip
+        username,
+        password_hash=hashed,
+        role=role,
+        active=call.fields.boolean("active", default=user.active),
+        by=call.principal.username,
+    )
     return {"message": f"{username} successfully altered"}
 
 
@@ -103,10 +106,13 @@ async def list_users(call: Call) -> list[dict[str, Any]]:
     out = []
     for u in await accounts.list_users():
         role = roles.get(u.role)
-        out.append({
-            "username": u.username, "active": u.active,
-            "role": {"role": u.role, "permission": role.permission if role else None},
-        })  # fmt: skip
+        out.append(
+            {
+                "username": u.username,
+                "active": u.active,
+                "role": {"role": u.role, "permission": role.permission if role else None},
+            }
+        )
     return out
 
 

@@ -99,7 +99,7 @@ async def test_reserved_fields_refused_without_a_row(api: Api) -> None:
 async def test_each_accepted_deploy_leaves_exactly_one_row(api: Api) -> None:
     for payload in (component(), b"garbage", component(install="exit 1")):
         await api.deploy("web", payload)
-    status, listing = await api.op("list_deployments")
+    _, listing = await api.op("list_deployments")
     assert listing["total"] == 3
     assert len({d["deployment_id"] for d in listing["deployments"]}) == 3
 
@@ -152,8 +152,13 @@ async def test_malformed_bodies_are_400_not_500(api: Api) -> None:
 async def test_cbor_and_msgpack_bodies_carry_payload_bytes(api: Api) -> None:
     payload = component()
     auth = {"Authorization": api.auth}
-    body = {"operation": "deploy_component", "project": "web", "payload": payload,
-            "restart": True, "someHarperField": {"x": 1}}  # fmt: skip
+    body = {
+        "operation": "deploy_component",
+        "project": "web",
+        "payload": payload,
+        "restart": True,
+        "someHarperField": {"x": 1},
+    }
 
     async def chunked() -> Any:
         raw = cbor2.dumps(body)
@@ -244,7 +249,7 @@ async def test_list_deployments_filters_and_pages(api: Api) -> None:
 
 async def test_payload_download_and_range(api: Api) -> None:
     payload = component(**{"big.txt": "y" * 50_000})
-    status, body = await api.deploy("web", payload)
+    _, body = await api.deploy("web", payload)
     did = body["deployment_id"]
     headers = {"Authorization": api.auth}
     resp = await api.client.post(
@@ -255,16 +260,18 @@ async def test_payload_download_and_range(api: Api) -> None:
     assert did in resp.headers["Content-Disposition"]
     assert await resp.read() == payload
     resp = await api.client.post(
-        "/", json={"operation": "get_deployment_payload", "deployment_id": did},
+        "/",
+        json={"operation": "get_deployment_payload", "deployment_id": did},
         headers={**headers, "Range": "bytes=10-99"},
-    )  # fmt: skip
+    )
     assert resp.status == 206
     assert resp.headers["Content-Range"] == f"bytes 10-99/{len(payload)}"
     assert await resp.read() == payload[10:100]
     resp = await api.client.post(
-        "/", json={"operation": "get_deployment_payload", "deployment_id": did},
+        "/",
+        json={"operation": "get_deployment_payload", "deployment_id": did},
         headers={**headers, "Range": f"bytes={len(payload) + 5}-"},
-    )  # fmt: skip
+    )
     assert resp.status == 416
 
 
@@ -291,7 +298,7 @@ async def test_delete_payload_is_idempotent_and_keeps_record(api: Api) -> None:
 
 async def test_rollback_from_reapplies_exact_blob(api: Api) -> None:
     _, first = await api.deploy("web", component(v="1"))
-    _, second = await api.deploy("web", component(v="2"))
+    await api.deploy("web", component(v="2"))
     status, body = await api.op(
         "deploy_component", project="web", rollback_from=first["deployment_id"]
     )

@@ -8,17 +8,18 @@ import time
 from pathlib import Path
 
 from aiohttp import web
-
 from helpers import ADMIN, make_config
+
 from node.app import create_app
 
 
 async def _serve(tmp_path: Path, **limits: float) -> tuple[web.AppRunner, int]:
     config = make_config(tmp_path, limits=limits)
     runner = web.AppRunner(
-        create_app(config), handler_cancellation=True,
+        create_app(config),
+        handler_cancellation=True,
         keepalive_timeout=config.limits.header_timeout_s,
-    )  # fmt: skip
+    )
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
