@@ -36,7 +36,11 @@ from storage.tables import (
     user_from,
 )
 
-__all__ = ["InvalidChange", "apply_changes"]
+__all__ = ["MAX_CLOCK_AHEAD_MS", "InvalidChange", "apply_changes"]
+
+#: A peer's version may be at most this far ahead of our wall clock (clock skew
+#: allowance); a version further ahead would drag this node's clock with it.
+MAX_CLOCK_AHEAD_MS = 24 * 3600 * 1000
 
 _BUILDERS = {
     DEPLOYMENTS.name: deployment_from,
@@ -61,9 +65,15 @@ async def apply_changes(store: Store, peer: str, changes: Sequence[Change], curs
         InvalidChange: a change names an unknown table or carries a malformed row.
     """
     applied = 0
+    limit = (store.clock.now_ms() + MAX_CLOCK_AHEAD_MS) << 16
+    for change in changes:
+        if not 0 < change.version <= limit:
+            raise InvalidChange(
+                f"change {change.tbl}/{change.key} has version {change.version}, "
+                "too far ahead of this node's clock (or not a version)"
+            )
     async with store.tx() as tx:
         for change in changes:
-            store.clock.observe(change.version)
             if change.tbl == ev.TABLE:
                 applied += await _apply_events(tx, change)
             elif change.tbl in REPLICATED:
@@ -76,6 +86,9 @@ async def apply_changes(store: Store, peer: str, changes: Sequence[Change], curs
             "updated_at = excluded.updated_at",
             (peer, cursor, tx.now_ms),
         )
+    # Observed only once the batch committed, so a rejected batch moves no clock.
+    for change in changes:
+        store.clock.observe(change.version)
     return applied
 
 
@@ -84,6 +97,9 @@ def _validated(spec: TableSpec, change: Change) -> dict[str, Any]:
         raise InvalidChange(f"{spec.name} change {change.key!r} is not an upsert of a row")
     row = {c: change.data.get(c) for c in spec.cols}
     row["version"], row["origin"] = change.version, change.origin
+    problem = spec.problem(row)
+    if problem is not None:
+        raise InvalidChange(f"{spec.name} change {change.key!r} is malformed: {problem}")
     try:
         built = _BUILDERS[spec.name](row) if spec.name in _BUILDERS else None
         spec.to_sql(row)
@@ -116,6 +132,7 @@ async def _apply_row(store: Store, tx: Tx, spec: TableSpec, change: Change) -> i
         op="upsert",
         data=row,
         user=change.user,
+        t=change.t,
     )
     value = _BUILDERS[spec.name](row) if spec.name in _BUILDERS else None
     tx.notify(Notice(spec.name, _notice_key(spec, row), (value,) if value else (), remote=True))
@@ -151,6 +168,7 @@ async def _apply_events(tx: Tx, change: Change) -> int:
         origin=change.origin,
         op="append",
         data=[e.as_dict() for e in new],
+        t=change.t,
     )
     tx.notify(Notice(ev.TABLE, change.key, tuple(new), remote=True))
     return 1

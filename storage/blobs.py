@@ -234,6 +234,10 @@ class BlobStore:
         sizes = [e.stat().st_size for p, e in self._entries() if self._is_blob(p, e)]
         return len(sizes), sum(sizes)
 
+    def hashes(self) -> list[str]:
+        """The sha256 of every stored blob, sorted. Walks the tree: O(blobs)."""
+        return sorted(e.name for p, e in self._entries() if self._is_blob(p, e))
+
     async def ingest(self, chunks: AsyncIterable[bytes], *, max_bytes: int) -> BlobInfo:
         """Stream ``chunks`` into the store, hashing as they arrive; identical payloads
         are stored once. Memory stays at about two 4 MiB batches whatever the size: one

@@ -141,12 +141,26 @@ class Tx:
         op: str,
         data: Any,
         user: str | None = None,
+        t: int | None = None,
     ) -> None:
-        """Append a change-log entry in this transaction."""
+        """Append a change-log entry in this transaction.
+
+        ``t`` is when the change was made: now for a local write, the writer's time for
+        a change applied from a peer (so the audit log reads the same on every node).
+        """
         await self.conn.execute(
             "INSERT INTO changelog (tbl, key, version, origin, op, data, user, t) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (tbl, key, version, origin, op, encode_data(data), user, self.now_ms),
+            (
+                tbl,
+                key,
+                version,
+                origin,
+                op,
+                encode_data(data),
+                user,
+                self.now_ms if t is None else t,
+            ),
         )
         self.logged += 1
 

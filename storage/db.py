@@ -47,9 +47,13 @@ def migrations() -> list[tuple[int, str, str]]:
 
 async def _connect(path: Path) -> aiosqlite.Connection:
     conn = await aiosqlite.connect(path, isolation_level=None)
-    conn.row_factory = sqlite3.Row
-    for pragma in _PRAGMAS:
-        await conn.execute(pragma)
+    try:
+        conn.row_factory = sqlite3.Row
+        for pragma in _PRAGMAS:
+            await conn.execute(pragma)
+    except BaseException:
+        await conn.close()  # its worker thread would otherwise keep the process alive
+        raise
     return conn
 
 
@@ -107,7 +111,10 @@ class Database:
             StorageError: any sqlite3 error inside the transaction (it is rolled back).
         """
         async with self._lock:
-            await self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                await self._writer.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as e:
+                raise StorageError(f"cannot begin a write: {e}") from e
             try:
                 yield self._writer
             except BaseException as e:
@@ -120,6 +127,8 @@ class Database:
                 try:
                     await asyncio.shield(self._writer.execute("COMMIT"))
                 except sqlite3.Error as e:
+                    if self._writer.in_transaction:
+                        await asyncio.shield(self._writer.execute("ROLLBACK"))
                     raise StorageError(str(e)) from e
 
     async def fetchall(self, sql: str, params: tuple[object, ...] = ()) -> list[sqlite3.Row]:

@@ -55,7 +55,18 @@ async def insert(tx: Tx, events: Sequence[Event]) -> list[Event]:
     """
     new: list[Event] = []
     by_deployment: set[str] = set()
+    stored_top: dict[str, int] = {}
     for e in events:
+        if e.deployment_id not in stored_top:
+            stored_top[e.deployment_id] = await _max_seq(tx, e.deployment_id)
+    for e in events:
+        # An event that this node's log had already dropped is old news: putting it back
+        # would make a redelivery look new and keep it travelling between nodes forever.
+        # (Events new to this node are announced and relayed even if retention drops them
+        # at once, so live subscribers and other nodes still see them.)
+        dropped_below = _first_kept(stored_top[e.deployment_id])
+        if dropped_below > MARKER_SEQ + 1 and MARKER_SEQ <= e.seq < dropped_below:
+            continue
         cur = await tx.conn.execute(
             "INSERT OR IGNORE INTO deployment_events (deployment_id, seq, t, event, data) "
             "VALUES (?, ?, ?, ?, ?)",
@@ -70,9 +81,14 @@ async def insert(tx: Tx, events: Sequence[Event]) -> list[Event]:
     return new
 
 
+def _first_kept(top: int) -> int:
+    """The first seq of the tail that a log whose highest seq is ``top`` keeps."""
+    return top - TAIL + 1
+
+
 async def _retain(tx: Tx, deployment_id: str) -> None:
     top = await _max_seq(tx, deployment_id)
-    first_kept = top - TAIL + 1
+    first_kept = _first_kept(top)
     if first_kept <= MARKER_SEQ + 1:
         return
     await tx.conn.execute(

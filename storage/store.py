@@ -86,11 +86,16 @@ def _encode_cursor(d: Deployment) -> str:
 def _decode_cursor(cursor: str) -> tuple[int, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        started_at, deployment_id = json.loads(raw)
-        if not isinstance(started_at, int) or not isinstance(deployment_id, str):
+        value = json.loads(raw)
+        if not isinstance(value, list) or len(value) != 2:
+            raise ValueError
+        started_at, deployment_id = value
+        if isinstance(started_at, bool) or not isinstance(started_at, int):
+            raise ValueError
+        if not isinstance(deployment_id, str) or not 0 <= started_at < 1 << 63:
             raise ValueError
         return started_at, deployment_id
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise ValueError("cursor is not one this node issued") from e
 
 
@@ -136,11 +141,21 @@ class Store:
     # -- replicated row primitive -----------------------------------------------------
 
     async def put_row(
-        self, tx: Tx, spec: TableSpec, row: dict[str, Any], *, user: str | None = None
+        self,
+        tx: Tx,
+        spec: TableSpec,
+        row: dict[str, Any],
+        *,
+        user: str | None = None,
+        create: bool = False,
     ) -> dict[str, Any]:
-        """Write ``row`` as a new local version and log it. Returns the stored row."""
+        """Write ``row`` as a new local version and log it. Returns the stored row.
+
+        With ``create``, the row must not exist yet (a conflict raises StorageError).
+        """
         row = dict(row, version=self.clock.tick(), origin=self.node)
-        await tx.conn.execute(spec.upsert_sql(), spec.to_sql(row))
+        sql = spec.insert_sql() if create else spec.upsert_sql()
+        await tx.conn.execute(sql, spec.to_sql(row))
         await tx.log(
             spec.name,
             spec.key(row),
@@ -171,7 +186,7 @@ class Store:
             fields: every column of ``deployments`` except ``version`` and ``origin``.
         """
         async with self.tx() as tx:
-            row = await self.put_row(tx, DEPLOYMENTS, fields, user=fields.get("user"))
+            row = await self.put_row(tx, DEPLOYMENTS, fields, user=fields.get("user"), create=True)
             d = deployment_from(row)
             tx.notify(Notice(DEPLOYMENTS.name, d.deployment_id, (d,)))
         return d
@@ -199,6 +214,8 @@ class Store:
                 raise KeyError(deployment_id)
             d = deployment_from(current)
             if changes:
+                if "deployment_id" in changes and changes["deployment_id"] != deployment_id:
+                    raise ValueError("a deployment's id cannot be changed")
                 _check_transition(d, changes)
                 d = deployment_from(
                     await self.put_row(tx, DEPLOYMENTS, {**current, **changes}, user=user)
@@ -499,7 +516,7 @@ class Store:
                 clauses.append(cond)
                 params.append(value)  # type: ignore[arg-type]
         rows = await self.db.fetchall(
-            "SELECT seq, tbl, key, version, origin, op, user, t FROM changelog "
+            "SELECT seq, tbl, key, version, origin, op, data, user, t FROM changelog "
             f"WHERE {' AND '.join(clauses)} ORDER BY seq DESC LIMIT ?",
             (*params, limit),
         )
@@ -508,7 +525,7 @@ class Store:
                 "seq": r["seq"],
                 "table": r["tbl"],
                 "key": r["key"],
-                "operation": r["op"],
+                "operation": _audit_op(r),
                 "user": r["user"],
                 "node": r["origin"],
                 "version": r["version"],
@@ -516,6 +533,15 @@ class Store:
             }
             for r in rows
         ]
+
+
+def _audit_op(row: Any) -> str:
+    """``delete`` for a tombstone write (users, roles, members), else the logged op."""
+    if row["op"] == "upsert":
+        data = decode_change(row).data
+        if isinstance(data, dict) and data.get("deleted"):
+            return "delete"
+    return str(row["op"])
 
 
 def _check_transition(d: Deployment, changes: dict[str, Any]) -> None:

@@ -48,6 +48,35 @@ class TableSpec:
     cols: tuple[str, ...]
     json_cols: frozenset[str] = frozenset()
     bool_cols: frozenset[str] = frozenset()
+    #: Columns that may not be null, and the Python type every column's value must have.
+    required: frozenset[str] = frozenset()
+    types: tuple[tuple[str, type], ...] = ()
+
+    def problem(self, row: dict[str, Any]) -> str | None:
+        """Why ``row`` (as it travels between nodes) is not a valid row, or None."""
+        expected = dict(self.types)
+        for col in self.cols:
+            value = row.get(col)
+            if value is None:
+                if col in self.required or col in self.key_cols:
+                    return f"{col} is missing"
+                continue
+            kind = expected.get(col)
+            if kind is None:
+                continue
+            if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+                return f"{col} must be an integer"
+            if kind is int and not -(1 << 63) <= value < 1 << 63:
+                return f"{col} is out of range"
+            if kind is bool and not isinstance(value, bool | int):
+                return f"{col} must be a boolean"
+            if kind in (str, dict) and not isinstance(value, kind):
+                return f"{col} must be a {kind.__name__}"
+            if kind is list and (
+                not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value)
+            ):
+                return f"{col} must be a list of names"
+        return None
 
     def key(self, row: dict[str, Any]) -> str:
         """The change-log key of a row (key columns joined with ``/``)."""
@@ -85,6 +114,11 @@ class TableSpec:
             f"ON CONFLICT ({keys}) DO UPDATE SET {sets}"
         )
 
+    def insert_sql(self) -> str:
+        cols = ", ".join(self.cols)
+        marks = ", ".join("?" for _ in self.cols)
+        return f"INSERT INTO {self.name} ({cols}) VALUES ({marks})"
+
     def select_sql(self) -> str:
         where = " AND ".join(f"{c}=?" for c in self.key_cols)
         return f"SELECT {', '.join(self.cols)} FROM {self.name} WHERE {where}"
@@ -121,6 +155,42 @@ DEPLOYMENTS = TableSpec(
     ),
     json_cols=frozenset({"expected_nodes", "activate_nodes", "error"}),
     bool_cols=frozenset({"replicated", "ignore_replication_errors", "pinned"}),
+    required=frozenset(
+        {
+            "project",
+            "kind",
+            "status",
+            "expected_nodes",
+            "activate_nodes",
+            "origin_node",
+            "timeout_ms",
+            "started_at",
+        }
+    ),
+    types=(
+        ("deployment_id", str),
+        ("project", str),
+        ("kind", str),
+        ("package_identifier", str),
+        ("payload_hash", str),
+        ("payload_size", int),
+        ("status", str),
+        ("phase", str),
+        ("expected_nodes", list),
+        ("activate_nodes", list),
+        ("origin_node", str),
+        ("restart_mode", str),
+        ("replicated", bool),
+        ("ignore_replication_errors", bool),
+        ("timeout_ms", int),
+        ("deadline_at", int),
+        ("started_at", int),
+        ("completed_at", int),
+        ("user", str),
+        ("rollback_of", str),
+        ("error", dict),
+        ("pinned", bool),
+    ),
 )
 
 NODE_RESULTS = TableSpec(
@@ -141,12 +211,26 @@ NODE_RESULTS = TableSpec(
     ),
     json_cols=frozenset({"error", "install_output"}),
     bool_cols=frozenset({"late"}),
+    required=frozenset({"status"}),
+    types=(
+        ("deployment_id", str),
+        ("node", str),
+        ("status", str),
+        ("phase", str),
+        ("error", dict),
+        ("started_at", int),
+        ("completed_at", int),
+        ("late", bool),
+        ("install_output", dict),
+    ),
 )
 
 PAYLOAD_DROPS = TableSpec(
     name="payload_drops",
     key_cols=("deployment_id",),
     cols=("deployment_id", "dropped_by", "dropped_at", "version", "origin"),
+    required=frozenset({"dropped_by", "dropped_at"}),
+    types=(("deployment_id", str), ("dropped_by", str), ("dropped_at", int)),
 )
 
 USERS = TableSpec(
@@ -154,6 +238,14 @@ USERS = TableSpec(
     key_cols=("username",),
     cols=("username", "password_hash", "role", "active", "deleted", "version", "origin"),
     bool_cols=frozenset({"active", "deleted"}),
+    required=frozenset({"password_hash", "role"}),
+    types=(
+        ("username", str),
+        ("password_hash", str),
+        ("role", str),
+        ("active", bool),
+        ("deleted", bool),
+    ),
 )
 
 ROLES = TableSpec(
@@ -162,6 +254,8 @@ ROLES = TableSpec(
     cols=("role", "permission", "deleted", "version", "origin"),
     json_cols=frozenset({"permission"}),
     bool_cols=frozenset({"deleted"}),
+    required=frozenset({"permission"}),
+    types=(("role", str), ("permission", dict), ("deleted", bool)),
 )
 
 MEMBERS = TableSpec(
@@ -169,6 +263,8 @@ MEMBERS = TableSpec(
     key_cols=("name",),
     cols=("name", "url", "deleted", "version", "origin"),
     bool_cols=frozenset({"deleted"}),
+    required=frozenset({"url"}),
+    types=(("name", str), ("url", str), ("deleted", bool)),
 )
 
 #: Tables a peer may write through replication ("deployment_events" is handled apart).
