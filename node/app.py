@@ -1,13 +1,15 @@
 """``create_app``: one node, its services under typed keys, owned by cleanup contexts.
 
-Start order (stop is the reverse): storage (database, blob store, releases, sweeps) →
-accounts (bootstrap user) → cluster (replication, when configured) → deploys (recovery
-of interrupted rows, the reconciler). Seams — the clock, crash points, the cluster
-implementation — are arguments, so tests pass fakes instead of patching.
+Start order (stop is the reverse): the data directory's lock → storage (database, blob
+store, releases, sweeps) → accounts (bootstrap user) → cluster (replication, when
+configured) → deploys (recovery of interrupted rows, the reconciler). Seams — the clock,
+crash points, the cluster implementation — are arguments, so tests pass fakes instead of
+patching.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,6 +26,7 @@ from node.auth import SUPER_USER_ROLE, Authenticator, hash_password
 from node.config import Config
 from node.deploy.components import Components
 from node.deploy.context import BlobFetcher, ClusterView, DeployContext, SoloCluster
+from node.deploy.hooks import HookGroups
 from node.deploy.origin import Origin
 from node.deploy.reconciler import Reconciler
 from node.metrics import Metrics
@@ -86,6 +89,24 @@ async def _bootstrap(accounts: Accounts, config: Config) -> None:
     log.info("bootstrap_user_created", user=config.auth.bootstrap_user)
 
 
+def _lock_data_dir(data: Path) -> int:
+    """Hold an exclusive lock on ``<data>/lock`` for the life of the node.
+
+    Start-up sweeps temp files, kills leftover hooks and fails unfinished deploys as
+    ``interrupted``: all wrong while another process is working in the same directory.
+
+    Raises:
+        RuntimeError: another process holds the lock.
+    """
+    fd = os.open(data / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RuntimeError(f"data directory {data} is in use by another node process") from None
+    return fd
+
+
 def _sweep_tmp(tmp: Path) -> list[Path]:
     """Remove packing temp files a crash left in the node's ``tmp`` directory."""
     removed = []
@@ -115,15 +136,31 @@ def create_app(
     app.add_routes(routes())
     cluster_hooks: list[ClusterHooks] = []
 
+    async def lock_ctx(app: web.Application) -> AsyncIterator[None]:
+        config.node.data_dir.mkdir(parents=True, exist_ok=True)
+        lock = _lock_data_dir(config.node.data_dir)
+        try:
+            yield
+        finally:
+            os.close(lock)
+
     async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
         data = config.node.data_dir
-        data.mkdir(parents=True, exist_ok=True)
         store = await Store.open(data / "cairn.db", node=config.node.name, clock=clock)
         blobs = BlobStore(data / "blobs", faults=faults)
         components = Components(data / "components", faults=faults)
+        hook_groups = HookGroups(data / "run" / "hooks")
+        if killed := hook_groups.kill_leftovers():
+            log.warning("leftover_hooks_killed", process_groups=killed)
         swept = blobs.sweep() + components.sweep() + _sweep_tmp(data / "tmp")
         if swept:
             log.info("temp_files_swept", count=len(swept))
+        # A crash between storing a blob and recording its hash in the row leaves a
+        # blob nothing refers to; nothing else would ever free it.
+        orphans = [h for h in blobs.hashes() if await store.live_references(h) == 0]
+        freed = sum([await blobs.delete(h) for h in orphans])
+        if orphans:
+            log.info("orphan_blobs_swept", count=len(orphans), freed_bytes=freed)
         services.store = store
         services.accounts = Accounts(store)
         services.auth = Authenticator(services.accounts)
@@ -139,6 +176,7 @@ def create_app(
             cluster=solo,
             fetcher=solo,
             faults=faults,
+            hook_groups=hook_groups,
         )
         try:
             yield
@@ -168,6 +206,7 @@ def create_app(
             task.cancel()
             await services.tasks.close()
 
+    app.cleanup_ctx.append(lock_ctx)
     app.cleanup_ctx.append(storage_ctx)
     if cluster_factory is not None:
         app.cleanup_ctx.append(cluster_ctx)

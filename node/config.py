@@ -93,6 +93,9 @@ class Limits:
     max_members: int = 100_000
     max_extracted_bytes: int = 16 * GiB
     max_compression_ratio: int = 200
+    # The ratio guard starts once this much has been decompressed (small archives of
+    # highly compressible text are fine).
+    compression_ratio_floor_bytes: int = 64 * MiB
     max_path_length: int = 4096
     header_timeout_s: float = 30.0
     body_idle_timeout_s: float = 60.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import signal
+import socket
 import time
 
 import structlog
@@ -25,9 +26,33 @@ class StartupError(Exception):
 def _cluster_factory(config: Config) -> ClusterFactory | None:
     if not config.clustered:
         return None
-    from replication.service import cluster_factory
+    from node.cluster import cluster_factory
 
     return cluster_factory
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A socket bound to the admin address (``listen`` comes when the site starts).
+
+    Raises:
+        StartupError: the host does not resolve, or the port is in use or not allowed.
+    """
+    where = f"{host}:{port}"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise StartupError(f"cannot resolve admin host {host!r}: {e.strerror}") from None
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise StartupError(f"admin port {where} is already in use") from None
+        raise StartupError(f"cannot listen on {where}: {e.strerror}") from None
+    return sock
 
 
 async def serve(config: Config, *, faults: object | None = None) -> None:
@@ -54,22 +79,21 @@ async def serve(config: Config, *, faults: object | None = None) -> None:
         keepalive_timeout=config.limits.header_timeout_s,
     )
     started = time.monotonic()
+    # Bound before storage opens: a node that cannot serve touches nothing (no
+    # migration, no temp sweep, no recovery of rows another running node is working on).
+    sock = _bind(config.admin.host, config.admin.port)
     try:
         await runner.setup()
     except Exception as e:
+        sock.close()
         await runner.cleanup()
         raise StartupError(f"node {config.node.name} failed to start: {e}") from e
-    site = web.TCPSite(
-        runner, config.admin.host, config.admin.port, ssl_context=ssl_ctx, reuse_address=True
-    )
+    site = web.SockSite(runner, sock, ssl_context=ssl_ctx)
     try:
         await site.start()
     except OSError as e:
+        sock.close()
         await runner.cleanup()
-        if e.errno == errno.EADDRINUSE:
-            raise StartupError(
-                f"admin port {config.admin.host}:{config.admin.port} is already in use"
-            ) from None
         raise StartupError(
             f"cannot listen on {config.admin.host}:{config.admin.port}: {e.strerror}"
         ) from None

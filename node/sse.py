@@ -14,11 +14,11 @@ resume point was truncated away the stream sends ``event: reset`` and replays th
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+import structlog
 from aiohttp import web
 
 from node.errors import BadRequest, CairnError
@@ -27,6 +27,8 @@ from storage.records import Event, Notice
 from storage.store import Store
 
 __all__ = ["EventStream", "last_event_id", "stream_deployment"]
+
+log = structlog.get_logger(__name__)
 
 #: Produces the ``done`` result, or raises a CairnError for an ``error`` event.
 Finish = Callable[[], Awaitable[dict[str, Any]]]
@@ -85,12 +87,69 @@ class EventStream:
         await self.response.write_eof()
 
 
-def _gap(last: int, stored: list[Event]) -> bool:
-    """True when events right after ``last`` were dropped by retention."""
+def _first_tail_seq(stored: list[Event]) -> int | None:
+    """The first stored seq after the ``truncated`` marker, if retention dropped any."""
     if not any(e.seq == MARKER_SEQ and e.event == "truncated" for e in stored):
-        return False
-    tail = [e.seq for e in stored if e.seq > MARKER_SEQ]
-    return last > MARKER_SEQ and bool(tail) and last + 1 < tail[0]
+        return None
+    return next((e.seq for e in stored if e.seq > MARKER_SEQ), None)
+
+
+class _Tail:
+    """Sends a deployment's events in seq order, each at most once."""
+
+    def __init__(self, stream: EventStream, store: Store, deployment_id: str) -> None:
+        self.stream = stream
+        self.store = store
+        self.deployment_id = deployment_id
+        self.last = 0
+        self.finished = False
+
+    async def replay(self, resume_after: int | None) -> None:
+        """Send the stored log after ``resume_after`` (``reset`` and all of it if that
+        point was dropped by retention)."""
+        stored = await self.store.events(self.deployment_id)
+        self.last = resume_after or 0
+        first_tail = _first_tail_seq(stored)
+        # Seqs MARKER_SEQ..first_tail-1 are gone: a client that saw up to one of them (or
+        # the marker) would silently miss the rest.
+        if (
+            resume_after is not None
+            and first_tail is not None
+            and MARKER_SEQ <= resume_after < first_tail - 1
+        ):
+            await self.stream.event(
+                "reset",
+                {
+                    "reason": "the resume point was truncated from the stored log",
+                    "last_event_id": resume_after,
+                    "dropped_events": first_tail - 1 - resume_after,
+                },
+            )
+            self.last = 0
+        await self.send(stored)
+
+    async def send(self, events: Iterable[object]) -> None:
+        for e in events:
+            if not isinstance(e, Event):
+                continue
+            if e.seq > self.last:
+                await self.stream.event(e.event, e.data, id=e.seq)
+                self.last = e.seq
+            # Also when the client had it already (resumed after it): the deploy is over.
+            self.finished = self.finished or e.event == "finished"
+
+    async def notices(self, notices: list[Notice]) -> None:
+        for notice in notices:
+            await self.send(notice.rows)
+
+    async def catch_up(self) -> None:
+        """Re-read storage after the live feed lost notices (or as a last check)."""
+        stored = await self.store.events(self.deployment_id)
+        first_tail = _first_tail_seq(stored)
+        if first_tail is not None and MARKER_SEQ <= self.last < first_tail - 1:
+            await self.replay(self.last)
+        else:
+            await self.send(e for e in stored if e.seq > self.last)
 
 
 async def stream_deployment(
@@ -105,12 +164,19 @@ async def stream_deployment(
 ) -> web.StreamResponse:
     """Replay and tail a deployment's events, then end with ``done`` or ``error``.
 
+    A client that goes away ends only this stream: the subscription is released by the
+    ``with`` block, and the deploy (a task the node owns) goes on.
+
     Args:
-        finish: awaited once the ``finished`` event was sent (or at once if ``done()``
-            already holds and the log has no ``finished``): its dict is the ``done``
-            result; a CairnError it raises becomes the ``error`` event.
+        finish: awaited once the ``finished`` event was sent (or once ``done()`` holds
+            and no ``finished`` is coming): its dict is the ``done`` result; a CairnError
+            it raises becomes the ``error`` event.
         done: whether the deploy is over without a ``finished`` event to wait for.
         resume_after: ``Last-Event-ID``, if the client sent one.
+        ping_s: the longest silence before a ``: ping`` comment.
+
+    Returns:
+        The (already finished) response.
     """
 
     def wanted(n: Notice) -> bool:
@@ -119,48 +185,34 @@ async def stream_deployment(
     with store.feed.subscribe(wanted) as sub:
         stream = await EventStream.open(request)
         try:
-            last = resume_after or 0
-            stored = await store.events(deployment_id)
-            if resume_after is not None and _gap(resume_after, stored):
-                await stream.event(
-                    "reset", {"reason": "resume point was truncated", "last_event_id": resume_after}
-                )
-                last = 0
-            finished = False
-            for e in stored:
-                if e.seq > last:
-                    await stream.event(e.event, e.data, id=e.seq)
-                    last = e.seq
-                finished = finished or e.event == "finished"
-            while not finished and not done():
+            tail = _Tail(stream, store, deployment_id)
+            await tail.replay(resume_after)
+            while not tail.finished and not done():
                 notices = await sub.get(timeout_s=ping_s)
-                if not notices:
-                    await stream.ping()
-                    continue
                 if sub.overflowed:
                     sub.overflowed = False
-                    notices = [
-                        Notice(
-                            "deployment_events",
-                            deployment_id,
-                            tuple(await store.events(deployment_id, last)),
-                        )
-                    ]
-                for notice in notices:
-                    for e in notice.rows:
-                        if isinstance(e, Event) and e.seq > last:
-                            await stream.event(e.event, e.data, id=e.seq)
-                            last = e.seq
-                            finished = finished or e.event == "finished"
+                    await tail.catch_up()
+                elif notices:
+                    await tail.notices(notices)
+                else:
+                    await stream.ping()
+            if not tail.finished:
+                # ``done()`` can turn true while the last notices are still queued.
+                await tail.notices(sub.drain())
+                await tail.catch_up()
             try:
                 result = await finish()
             except CairnError as err:
                 await stream.event("error", err.body())
+            except Exception:
+                # A bug, but the headers are long gone: end the stream as the API would.
+                log.exception("sse_finish_failed", deployment_id=deployment_id)
+                await stream.event("error", {"error": "internal error", "code": "internal_error"})
             else:
                 await stream.event("done", {"result": result})
             await stream.close()
-        except (ConnectionResetError, asyncio.CancelledError):
-            # The client went away: the deploy goes on; the subscription is released by
-            # the ``with`` block.
-            raise
+        except ConnectionResetError:
+            # Gone between two writes (before aiohttp cancelled the handler): the deploy
+            # goes on; nothing to answer.
+            log.debug("sse_client_gone", deployment_id=deployment_id)
     return stream.response

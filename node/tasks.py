@@ -12,6 +12,8 @@ from typing import Any, TypeVar
 
 import structlog
 
+from node.errors import CairnError
+
 __all__ = ["TaskSet"]
 
 T = TypeVar("T")
@@ -41,9 +43,14 @@ class TaskSet:
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            log.error("task_failed", task=task.get_name(), error=repr(exc), exc_info=exc)
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        if isinstance(exc, CairnError):
+            # An expected outcome (a failed deploy, say), already recorded and answered.
+            log.info("task_ended", task=task.get_name(), code=exc.code)
+            return
+        log.error("task_failed", task=task.get_name(), error=repr(exc), exc_info=exc)
 
     async def close(self) -> None:
         """Cancel every task and wait for all of them to finish."""

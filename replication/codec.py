@@ -310,14 +310,21 @@ def _entry(obj: object) -> ChangeEntry:
 def _changes(f: _Fields) -> Message:
     entries = tuple(_entry(e) for e in f.array("entries"))
     last_seq, head_seq = f.uint("last_seq"), f.uint("head_seq")
-    previous = -1
+    after_seq, lag_bytes = f.uint("after_seq"), f.uint("lag_bytes")
+    previous = after_seq
     for e in entries:
         if e.seq <= previous:
-            raise ProtocolError("changes.entries are not in increasing seq order")
+            raise ProtocolError("changes.entries are not in increasing seq order after after_seq")
         previous = e.seq
     if previous > last_seq or last_seq > head_seq:
-        raise ProtocolError("changes must satisfy entry seqs <= last_seq <= head_seq")
-    return Changes(entries=entries, last_seq=last_seq, head_seq=head_seq)
+        raise ProtocolError("changes must satisfy after_seq < entry seqs <= last_seq <= head_seq")
+    return Changes(
+        entries=entries,
+        last_seq=last_seq,
+        head_seq=head_seq,
+        after_seq=after_seq,
+        lag_bytes=lag_bytes,
+    )
 
 
 _DECODERS: Final[dict[str, tuple[type[Any], Callable[[_Fields], Message]]]] = {

@@ -1,10 +1,10 @@
 """Replication errors. msgpack errors are translated in the codec, TLS in tls.py.
 
-    ReplicationError
-    ├── ProtocolError    a frame that is malformed, too large, too deep or unexpected:
-    │                    the channel is closed and nothing is applied
-    ├── HandshakeError   protocol version / cluster id / identity mismatch
-    └── CertificateError bad or unreadable certificate material
+ReplicationError
+├── ProtocolError    a frame that is malformed, too large, too deep or unexpected:
+│                    the channel is closed and nothing is applied
+├── HandshakeError   protocol version / cluster id / identity mismatch
+└── CertificateError bad or unreadable certificate material
 """
 
 from __future__ import annotations

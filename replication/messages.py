@@ -46,7 +46,8 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION = 1
-OPS = frozenset({"upsert", "delete"})
+# "append" is how a batch of deployment events travels (storage logs it so).
+OPS = frozenset({"upsert", "delete", "append"})
 # A node name, as in node.name, certificates and frames; match it with ``fullmatch``.
 NODE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -120,14 +121,19 @@ class ChangeEntry:
 class Changes:
     """A batch of change-log entries in seq order.
 
-    ``last_seq`` is the seq the batch covers up to (the receiver's next cursor; it may
-    pass entries the sender skipped), ``head_seq`` the sender's newest seq (for lag).
+    The batch covers the sender's log range ``(after_seq, last_seq]``: ``last_seq`` is
+    the receiver's next cursor (it may pass entries the sender skipped) and
+    ``after_seq`` lets the receiver see a gap (a batch that starts past its cursor).
+    ``head_seq`` is the sender's newest seq and ``lag_bytes`` the change-data bytes the
+    sender still holds for this receiver after ``last_seq``: together, the lag.
     """
 
     TYPE: ClassVar[str] = "changes"
     entries: tuple[ChangeEntry, ...]
     last_seq: int
     head_seq: int
+    after_seq: int = 0
+    lag_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)

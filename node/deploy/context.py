@@ -14,6 +14,7 @@ from typing import Protocol
 from node.config import Limits
 from node.deploy.components import Components
 from node.deploy.extract import ExtractLimits
+from node.deploy.hooks import HookGroups
 from storage.blobs import BlobStore
 from storage.errors import BlobMissing
 from storage.faults import NO_FAULTS, Faults
@@ -73,6 +74,7 @@ class DeployContext:
     cluster: ClusterView
     fetcher: BlobFetcher
     faults: Faults = NO_FAULTS
+    hook_groups: HookGroups | None = None
 
     @property
     def extract_limits(self) -> ExtractLimits:
@@ -80,5 +82,6 @@ class DeployContext:
             max_members=self.limits.max_members,
             max_total_bytes=self.limits.max_extracted_bytes,
             max_ratio=self.limits.max_compression_ratio,
+            ratio_floor_bytes=self.limits.compression_ratio_floor_bytes,
             max_path_len=self.limits.max_path_length,
         )

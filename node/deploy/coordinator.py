@@ -87,6 +87,9 @@ class Coordinator:
         self.rec = rec
         self._phase: str | None = None
         self._seen: dict[str, tuple[str, str | None]] = {}
+        # Newest result version forwarded per node: notices still queued in the
+        # subscription repeat rows already forwarded, and must not be told twice.
+        self._seen_version: dict[str, int] = {}
 
     async def run(self, d: Deployment) -> Deployment:
         """Stage, replicate, activate. Returns the terminal row.
@@ -141,9 +144,10 @@ class Coordinator:
                 if not isinstance(r, NodeResult):
                     continue
                 key = (str(r.status), r.phase)
-                if self._seen.get(r.node) == key:
+                if self._seen.get(r.node) == key or r.version <= self._seen_version.get(r.node, 0):
                     continue
                 self._seen[r.node] = key
+                self._seen_version[r.node] = r.version
                 data: dict[str, Any] = {"node": r.node, "status": str(r.status), "phase": r.phase}
                 if r.error:
                     data["error"] = r.error

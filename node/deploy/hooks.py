@@ -29,6 +29,7 @@ __all__ = [
     "MAX_LINE_BYTES",
     "Command",
     "ComponentConfig",
+    "HookGroups",
     "HookResult",
     "HookSpec",
     "OutputTail",
@@ -305,6 +306,7 @@ async def run_hook(
     env: Mapping[str, str],
     on_line: OnLine,
     tail: OutputTail,
+    on_spawn: Callable[[int], None] | None = None,
 ) -> HookResult:
     """Run one hook to completion, streaming its output.
 
@@ -317,6 +319,8 @@ async def run_hook(
         on_line: awaited with ``(stream, line)`` for every output line, in order per
             stream; ``stream`` is ``"stdout"`` or ``"stderr"``.
         tail: receives every line too, for ``install_output``.
+        on_spawn: called with the hook's process group id once it runs (the group is
+            gone when this returns or raises).
 
     Returns:
         The exit code (127 if the command could not be found, 126 if it could not be
@@ -354,6 +358,8 @@ async def run_hook(
         return HookResult(code, False, time.monotonic() - started)
 
     pgid = transport.get_pid()
+    if on_spawn is not None:
+        on_spawn(pgid)
     pump = _Pump(on_line, tail)
     readers = [
         asyncio.create_task(pump.read("stdout", protocol.stdout)),
@@ -407,6 +413,57 @@ async def _wait_exit(
     except TimeoutError:
         return True
     return False
+
+
+class HookGroups:
+    """Files naming the process group of every hook running, under ``directory``.
+
+    The node kills a hook's group before it moves on, but a node that is SIGKILLed
+    cannot: its hooks keep running. At the next start :meth:`kill_leftovers` kills the
+    groups the previous incarnation recorded. A record holds the leader's start time, so
+    a pid the kernel has since given to another process is left alone.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def add(self, pgid: int) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / str(pgid)).write_text(_start_time(pgid) or "")
+
+    def discard(self, pgid: int) -> None:
+        (self.directory / str(pgid)).unlink(missing_ok=True)
+
+    def kill_leftovers(self) -> list[int]:
+        """SIGKILL every recorded group still alive; forget all records. Call at start.
+
+        Returns:
+            The process group ids that were signalled.
+        """
+        killed: list[int] = []
+        try:
+            entries = list(self.directory.iterdir())
+        except FileNotFoundError:
+            return killed
+        for entry in entries:
+            if entry.name.isdigit():
+                pgid, recorded = int(entry.name), entry.read_text().strip()
+                now = _start_time(pgid)
+                # A live leader with another start time is a reused pid: the kernel
+                # reuses a pid only once no group of that id is left, so none of ours is.
+                if (now is None or now == recorded) and _signal_group(pgid, signal.SIGKILL):
+                    killed.append(pgid)
+            entry.unlink(missing_ok=True)
+        return killed
+
+
+def _start_time(pid: int) -> str | None:
+    """Field 22 of ``/proc/<pid>/stat`` (start time in clock ticks), or None."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat_line.rsplit(")", 1)[1].split()[19]
 
 
 def _signal_group(pgid: int, sig: int) -> bool:

@@ -120,7 +120,21 @@ async def _hook(
         return
     tail = OutputTail()
     ctx.faults.hit(f"hook.{name}.start")
-    result = await run_hook(spec, name=name, cwd=cwd, env=env, on_line=on_line, tail=tail)
+    groups, spawned = ctx.hook_groups, []
+
+    def record(pgid: int) -> None:
+        spawned.append(pgid)
+        if groups is not None:
+            groups.add(pgid)
+
+    try:
+        result = await run_hook(
+            spec, name=name, cwd=cwd, env=env, on_line=on_line, tail=tail, on_spawn=record
+        )
+    finally:
+        if groups is not None:
+            for pgid in spawned:
+                groups.discard(pgid)
     if result.timed_out:
         raise DeployFailed(
             f"{name} hook timed out after {spec.timeout_s:g} s",

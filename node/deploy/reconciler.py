@@ -50,6 +50,9 @@ class Reconciler:
         self._running: dict[str, asyncio.Task[None]] = {}
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._kick = asyncio.Event()
+        # Version of the row each finished job started from: the re-check after a job
+        # only acts on a row that changed meanwhile (else it would loop forever).
+        self._started_from: dict[str, int] = {}
 
     def kick(self) -> None:
         """Ask for a full rescan soon (after a reconnect, say)."""
@@ -87,7 +90,9 @@ class Reconciler:
                             rows = [r for r in notice.rows if isinstance(r, Deployment)]
                             if not rows:
                                 fresh = await self.ctx.store.get_deployment(notice.key)
-                                rows = [fresh] if fresh is not None else []
+                                started = self._started_from.pop(notice.key, None)
+                                changed = fresh is not None and fresh.version != started
+                                rows = [fresh] if fresh is not None and changed else []
                             for row in rows:
                                 await self.consider(row)
         finally:
@@ -121,11 +126,19 @@ class Reconciler:
         """Start whatever ``d`` asks of this node (at most one task per deployment)."""
         if d.deployment_id in self._running:
             return
+        # A notice carries the row as that change wrote it; a node catching up applies
+        # many versions of a row in one batch, so act on what is stored now, never on an
+        # intermediate state (which would stage a deploy that has long since finished).
+        fresh = await self.ctx.store.get_deployment(d.deployment_id)
+        if fresh is None:
+            return
+        d = fresh
         job = await self._job(d)
         if job is None:
             return
         task = self._work.spawn(job, name=f"reconcile-{d.deployment_id}")
         self._running[d.deployment_id] = task
+        self._started_from[d.deployment_id] = d.version
         key = d.deployment_id
 
         def forget(_task: asyncio.Task[None]) -> None:
@@ -150,6 +163,9 @@ class Reconciler:
             return None
         if d.status not in _WANTS_STAGE:
             return None
+        past_deadline = d.deadline_at is not None and self.ctx.store.clock.now_ms() > d.deadline_at
+        if d.status is DeploymentStatus.REPLICATING and past_deadline:
+            return None  # the origin fails it; staging now would only be thrown away
         if mine_status is None or mine_status in _IN_PROGRESS - {NodeStatus.ACTIVATING}:
             return self._stage(d)
         if (
@@ -246,6 +262,14 @@ class Reconciler:
         ]
         if not candidates:
             return
+        activating = await self.ctx.store.deployments(
+            project=project, statuses=[DeploymentStatus.ACTIVATING, DeploymentStatus.RESTARTING]
+        )
+        if activating:
+            # A deploy of this project is switching nodes right now (perhaps resumed by
+            # its origin after a restart); converging meanwhile would race it. Its
+            # terminal row triggers convergence again.
+            return
         desired = candidates[-1]
         active = (await self.ctx.store.active_releases()).get(project)
         active_id = active["deployment_id"] if active else None
@@ -259,8 +283,6 @@ class Reconciler:
             if mine is None or mine.status is not NodeStatus.ACTIVE:
                 await self._result(desired, NodeStatus.ACTIVE, "activate", late=True)
             return
-        if desired.origin_node == me:
-            return  # its coordinator (or recovery) owns it
         log.info(
             "converging", project=project, deployment_id=desired.deployment_id, active=active_id
         )

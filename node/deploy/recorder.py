@@ -11,6 +11,7 @@ the ``finished`` event, so no subscriber can see ``finished`` before the status.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from storage.records import Deployment, DeploymentStatus, Event
@@ -85,7 +86,5 @@ class Recorder:
         await self.flush()
         if self._timer is not None and not self._timer.done():
             self._timer.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._timer
-            except asyncio.CancelledError:
-                pass

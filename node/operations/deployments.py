@@ -10,6 +10,7 @@ from urllib.parse import urlparse
 
 from aiohttp import web
 
+from node.appkeys import METRICS
 from node.deploy.coordinator import peer_results
 from node.deploy.origin import DeployRequest
 from node.deploy.sources import bytes_source, file_source, local_package, url_source
@@ -135,6 +136,7 @@ async def deploy_component(call: Call) -> dict[str, Any] | web.StreamResponse:
         else:
             assert source is not None
             d = await origin.receive(d, rec, source)
+            call.app[METRICS].received_bytes.inc(d.payload_size or 0)
         final = await origin.launch(d, rec)
         results = await call.services.store.results(final.deployment_id)
         return _success_body(final, peer_results(final, results))

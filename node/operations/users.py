@@ -78,13 +78,13 @@ async def alter_user(call: Call) -> dict[str, Any]:
     password = _password(call, required=False)
     role = _name(call, "role") if call.fields.has("role") else user.role
     await _role_exists(call, role)
+    active = call.fields.boolean("active", default=user.active)
+    if username == call.principal.username and not active:
+        # Same lock-out as dropping yourself, which drop_user refuses.
+        raise Conflict("you cannot deactivate the user you are signed in as", field="active")
     hashed = await asyncio.to_thread(hash_password, password) if password else user.password_hash
     await accounts.put_user(
-        username,
-        password_hash=hashed,
-        role=role,
-        active=call.fields.boolean("active", default=user.active),
-        by=call.principal.username,
+        username, password_hash=hashed, role=role, active=active, by=call.principal.username
     )
     return {"message": f"{username} successfully altered"}
 

@@ -269,10 +269,10 @@ def test_limits_are_enforced() -> None:
     with pytest.raises(ProtocolError, match="deeper than 7"):
         decode(nested, FrameLimits(max_depth=7))
 
-    many = _changes_frame(data=[list(range(25)), list(range(25))])  # 66 items in all
+    many = _changes_frame(data=[list(range(25)), list(range(25))])  # 68 items in all
     with pytest.raises(ProtocolError, match="more than 40 items"):
         decode(many, FrameLimits(max_items=40))
-    assert decode(many, FrameLimits(max_items=66)).TYPE == "changes"
+    assert decode(many, FrameLimits(max_items=68)).TYPE == "changes"
     with pytest.raises(ProtocolError, match="max_array_len"):  # one container alone
         decode(_changes_frame(data=list(range(50))), FrameLimits(max_items=40))
 

@@ -1,0 +1,227 @@
+"""Blob transfer between in-process services: dedupe, sharing, resume, corruption."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mesh import FAST, Mesh, wait_until
+
+from replication.blobs import BlobReceiver
+from replication.errors import ProtocolError
+from replication.messages import BlobCredit, Chunk, End, Message, Missing, Want
+from storage.blobs import BlobInfo, BlobStore
+from storage.errors import BlobCorrupt, BlobMissing
+
+MiB = 1 << 20
+# Small chunks and one chunk of credit: a transfer takes long enough to interrupt.
+SLOW = replace(FAST, chunk_bytes=64 << 10, chunk_credit=1)
+
+
+@pytest.fixture
+async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
+    m = Mesh(tmp_path)
+    try:
+        yield m
+    finally:
+        await m.close()
+
+
+async def put_blob(blobs: BlobStore, data: bytes) -> BlobInfo:
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(0, len(data), MiB):
+            yield data[i : i + MiB]
+
+    return await blobs.ingest(chunks(), max_bytes=1 << 30)
+
+
+async def read_blob(blobs: BlobStore, hash: str) -> bytes:
+    return b"".join([c async for c in blobs.read(hash)])
+
+
+async def peer_status(mesh: Mesh, node: str) -> dict[str, dict[str, Any]]:
+    return {p["name"]: p for p in (await mesh.nodes[node].svc.status())["peers"]}
+
+
+async def test_fetch_verifies_and_a_second_fetch_transfers_nothing(mesh: Mesh) -> None:
+    a, b = await mesh.add("a", "b")
+    await mesh.start("a")
+    await mesh.start("b")
+    await mesh.connected("a", "b")
+    data = os.urandom(3 * MiB + 123)
+    info = await put_blob(a.blobs, data)
+
+    await b.svc.fetch(info.hash, info.size)
+    assert await read_blob(b.blobs, info.hash) == data
+    assert (await b.svc.status())["blob_bytes_received"] == info.size
+    assert (await a.svc.status())["blob_bytes_sent"] == info.size
+    assert b.blobs.partial_offset(info.hash) == 0  # the partial became the blob
+
+    await b.svc.fetch(info.hash, info.size)  # already here: nobody is asked
+    await asyncio.gather(*(b.svc.fetch(info.hash, info.size) for _ in range(3)))
+    assert (await b.svc.status())["blob_bytes_received"] == info.size
+    assert (await a.svc.status())["blob_bytes_sent"] == info.size
+    assert b.blobs.stats() == (1, info.size)
+
+
+async def test_concurrent_fetches_share_one_transfer(mesh: Mesh) -> None:
+    a, b = await mesh.add("a", "b")
+    await mesh.start("a")
+    await mesh.start("b", SLOW)
+    await mesh.connected("a", "b")
+    info = await put_blob(a.blobs, os.urandom(2 * MiB))
+    await asyncio.gather(*(b.svc.fetch(info.hash, info.size) for _ in range(5)))
+    assert (await b.svc.status())["blob_bytes_received"] == info.size
+    assert await b.blobs.verify(info.hash)
+
+
+async def test_resume_after_interruption_sends_only_the_rest(mesh: Mesh) -> None:
+    a, b = await mesh.add("a", "b")
+    await mesh.start("a", SLOW)
+    await mesh.start("b", SLOW)
+    await mesh.connected("a", "b")
+    data = os.urandom(8 * MiB)
+    info = await put_blob(a.blobs, data)
+
+    first = asyncio.create_task(b.svc.fetch(info.hash, info.size))
+    await wait_until(lambda: b.blobs.partial_offset(info.hash) >= MiB, what="1 MiB fetched")
+    await mesh.stop("b")  # the receiving node goes away mid-transfer
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    offset = b.blobs.partial_offset(info.hash)
+    assert MiB <= offset < info.size and not b.blobs.has(info.hash)
+    await wait_until(lambda: not a.svc.subscribers(), what="a's session with b over")
+    sent_before = (await a.svc.status())["blob_bytes_sent"]
+
+    await mesh.start("b", SLOW)
+    await mesh.connected("a", "b")
+    await b.svc.fetch(info.hash, info.size)
+    assert await read_blob(b.blobs, info.hash) == data
+    resumed = (await b.svc.status())["blob_bytes_received"]
+    sent_again = (await a.svc.status())["blob_bytes_sent"] - sent_before
+    assert resumed == sent_again == info.size - offset
+    assert sent_again < info.size
+
+
+async def test_resume_from_another_peer(mesh: Mesh) -> None:
+    a, b, c = await mesh.add("a", "b", "c")
+    for n in (a, b, c):
+        await mesh.start(n.name, SLOW)
+    await mesh.connected("a", "b", "c")
+    data = os.urandom(8 * MiB)
+    info = await put_blob(a.blobs, data)
+    assert await put_blob(c.blobs, data) == info
+
+    fetch = asyncio.create_task(b.svc.fetch(info.hash, info.size))  # asks a first
+    await wait_until(lambda: b.blobs.partial_offset(info.hash) >= MiB, what="1 MiB from a")
+    await mesh.stop("a")
+    await fetch
+    assert await read_blob(b.blobs, info.hash) == data
+    peers = await peer_status(mesh, "b")
+    from_a, from_c = peers["a"]["blob_bytes_received"], peers["c"]["blob_bytes_received"]
+    assert from_a >= MiB and 0 < from_c < info.size
+    assert from_a + from_c == info.size
+
+
+async def test_corrupt_bytes_raise_and_store_nothing(mesh: Mesh) -> None:
+    a, b = await mesh.add("a", "b")
+    await mesh.start("a")
+    await mesh.start("b")
+    await mesh.connected("a", "b")
+    info = await put_blob(a.blobs, os.urandom(MiB))
+    a.blobs.path(info.hash).write_bytes(os.urandom(info.size))  # bit rot on the sender
+
+    with pytest.raises(BlobCorrupt):
+        await b.svc.fetch(info.hash, info.size)
+    assert not b.blobs.has(info.hash)
+    assert b.blobs.partial_offset(info.hash) == 0
+
+
+async def test_missing_blob(mesh: Mesh) -> None:
+    _a, b = await mesh.add("a", "b")
+    await mesh.start("a")
+    await mesh.start("b", replace(FAST, fetch_wait_s=0.3))
+    await mesh.connected("a", "b")
+    unknown = hashlib.sha256(b"nobody has this").hexdigest()
+    with pytest.raises(BlobMissing, match="no connected peer has blob"):
+        await b.svc.fetch(unknown, 15)
+    await mesh.stop("a")
+    await wait_until(lambda: not b.svc.connected(), what="a gone")
+    with pytest.raises(BlobMissing, match="no peer that has it is connected"):
+        await b.svc.fetch(unknown, 15)
+
+
+async def test_change_batches_are_not_starved_by_a_transfer(mesh: Mesh) -> None:
+    a, b = await mesh.add("a", "b")
+    await mesh.start("a", SLOW)
+    await mesh.start("b", SLOW)
+    await mesh.connected("a", "b")
+    info = await put_blob(a.blobs, os.urandom(32 * MiB))
+    fetch = asyncio.create_task(b.svc.fetch(info.hash, info.size))
+    await wait_until(lambda: b.blobs.partial_offset(info.hash) > 0, what="transfer started")
+    await a.accounts.put_user("urgent", password_hash="h", role="r", by="admin")
+    await wait_until(lambda: b.accounts.get_user("urgent"), what="row replicated")
+    in_flight = (await peer_status(mesh, "b"))["a"]["transfers"]
+    assert not b.blobs.has(info.hash) and in_flight[0]["hash"] == info.hash
+    await fetch
+
+
+# -- the receiving half against a scripted sender -------------------------------------
+
+
+class ScriptedChannel:
+    """A channel that records what is sent and never receives."""
+
+    peer = "x"
+    remote = "test"
+
+    def __init__(self) -> None:
+        self.sent: list[Message] = []
+
+    async def send(self, msg: Message) -> None:
+        self.sent.append(msg)
+
+    async def receive(self) -> Message:
+        raise AssertionError("not used")
+
+    async def close(self, reason: str = "", *, protocol_error: bool = False) -> None:
+        return None
+
+
+async def test_receiver_enforces_order_credit_and_size(tmp_path: Path) -> None:
+    blobs = BlobStore(tmp_path / "blobs")
+    data = os.urandom(100)
+    h = hashlib.sha256(data).hexdigest()
+    ch = ScriptedChannel()
+    rx = BlobReceiver(ch, blobs, chunk_credit=2)
+    request = asyncio.create_task(rx.request(h, 100, 0))
+    await wait_until(lambda: len(ch.sent) == 2)
+    assert ch.sent == [Want(h, 0), BlobCredit(2)]
+    await rx.on_frame(Chunk(h, 0, data[:60]))
+    with pytest.raises(ProtocolError, match="expected 60"):
+        await rx.on_frame(Chunk(h, 10, data[10:20]))
+    await rx.on_frame(Chunk(h, 60, data[60:]))
+    await rx.on_frame(End(h, 100))
+    assert await request == 100
+    await blobs.finish_partial(h, 100)
+    assert blobs.has(h)
+
+    with pytest.raises(ProtocolError, match="not asked for"):
+        await rx.on_frame(Missing(h))
+    other = hashlib.sha256(b"other").hexdigest()
+    over = asyncio.create_task(rx.request(other, 5, 0))
+    await wait_until(lambda: len(ch.sent) >= 5)
+    await rx.on_frame(Chunk(other, 0, b"toolong"))  # more than the record's size
+    with pytest.raises(BlobCorrupt, match="more than 5 bytes"):
+        await over
+    assert blobs.partial_offset(other) == 0
+    await rx.on_frame(End(other, 7))  # the abandoned transfer drains quietly
+    greedy = BlobReceiver(ScriptedChannel(), blobs, chunk_credit=1)
+    with pytest.raises(ProtocolError, match="beyond the chunk credit"):
+        await greedy.on_frame(Chunk(other, 0, b"x"))

@@ -1,0 +1,410 @@
+"""Replication between in-process services over real TLS and real SQLite stores."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import ADMIN, Api, component
+from mesh import FAST, Mesh, dump, new_deployment, wait_until
+from procs import free_port
+
+from node.app import create_app
+from node.appkeys import SERVICES, Services
+from node.cluster import cluster_factory
+from node.config import parse_config
+from replication.codec import decode, encode
+from replication.errors import ProtocolError
+from replication.messages import Changes
+from replication.peer_queue import Backoff, ChangeReceiver, PeerStats
+from replication.sender import fit_batch
+from replication.session import Settings
+from storage.records import DeploymentStatus, NodeStatus
+from storage.store import Store
+
+
+@pytest.fixture
+async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
+    m = Mesh(tmp_path)
+    try:
+        yield m
+    finally:
+        await m.close()
+
+
+async def _write_some(store: Store, tag: str, users: int = 3) -> str:
+    """A deployment with events and a result, plus users: every kind of replicated row."""
+    from storage.accounts import Accounts
+
+    d = await store.create_deployment(new_deployment(store.node))
+    await store.write_deployment(
+        d.deployment_id,
+        {"status": DeploymentStatus.EXTRACTING},
+        [("deployment", {"deployment_id": d.deployment_id}), ("install", {"line": tag})],
+    )
+    await store.put_result(d.deployment_id, status=NodeStatus.STAGED, phase="stage")
+    for i in range(users):
+        await Accounts(store).put_user(f"{tag}{i}", password_hash="h", role="r", by="admin")
+    return d.deployment_id
+
+
+async def _converged(*stores: Store) -> bool:
+    dumps = [await dump(s) for s in stores]
+    return all(d == dumps[0] for d in dumps[1:])
+
+
+# -- moving rows ----------------------------------------------------------------------
+
+
+async def test_two_nodes_replicate_both_ways(mesh: Mesh) -> None:
+    a, b = await mesh.add("a", "b")
+    await mesh.start("a")
+    await mesh.start("b")
+    await mesh.connected("a", "b")
+    did = await _write_some(a.store, "from-a")
+    await _write_some(b.store, "from-b")
+    await b.accounts.put_role("r", {"super_user": False, "operations": []}, by="admin")
+
+    await wait_until(lambda: _converged(a.store, b.store), what="identical stores")
+    copy = await b.store.get_deployment(did)
+    assert copy is not None and copy.origin == "a" and copy.status == "extracting"
+    assert [e.event for e in await b.store.events(did)] == ["deployment", "install"]
+    assert [r.node for r in await b.store.results(did)] == ["a"]
+
+    # Each side's cursor into the other's log reaches its head, past the entries it
+    # skipped (b's own writes, relayed back by a), and nothing is left to send.
+    async def caught_up() -> bool:
+        return await b.store.cursor("a") == await a.store.head_seq()
+
+    await wait_until(caught_up, what="b's cursor at a's head")
+    status = await b.svc.status()
+    assert status["peers"][0]["lag_changes"] == 0
+    assert status["peers"][0]["lag_bytes"] == 0
+
+
+async def test_three_nodes_converge(mesh: Mesh) -> None:
+    nodes = await mesh.add("a", "b", "c")
+    for n in nodes:
+        await mesh.start(n.name)
+    await mesh.connected("a", "b", "c")
+    for n in nodes:
+        await _write_some(n.store, f"by-{n.name}-")
+    # Concurrent writes of one row on every node: last writer wins everywhere.
+    for n in nodes:
+        await n.accounts.put_user("shared", password_hash=n.name, role="r", by=n.name)
+
+    await wait_until(lambda: _converged(*(n.store for n in nodes)), what="3 identical stores")
+    winners = {(await n.accounts.get_user("shared")).password_hash for n in nodes}  # type: ignore[union-attr]
+    assert len(winners) == 1
+    assert len((await dump(nodes[0].store))["users"]) == 3 * 3 + 1
+
+
+async def test_restart_resumes_from_stored_cursor(mesh: Mesh) -> None:
+    a, b = await mesh.add("a", "b")
+    await mesh.start("a")
+    await mesh.start("b")
+    await mesh.connected("a", "b")
+    for i in range(10):
+        await a.accounts.put_user(f"u{i}", password_hash="h", role="r", by="admin")
+    await wait_until(lambda: _converged(a.store, b.store), what="first ten")
+    await mesh.stop("b")
+    cursor = await b.store.cursor("a")
+    assert cursor == await a.store.head_seq()
+
+    for i in range(10, 15):
+        await a.accounts.put_user(f"u{i}", password_hash="h", role="r", by="admin")
+    assert (await b.accounts.get_user("u14")) is None
+    await mesh.start("b")
+    await wait_until(lambda: _converged(a.store, b.store), what="the five written meanwhile")
+    peer = (await b.svc.status())["peers"][0]
+    # Only what was written while b was away travelled: the subscription started at the
+    # stored cursor, not at zero.
+    assert peer["changes_received"] == 5
+    assert peer["changes_applied"] == 5
+    assert await b.store.cursor("a") == cursor + 5
+
+
+async def test_transitive_while_origin_is_down(mesh: Mesh) -> None:
+    a, b, c = await mesh.add("a", "b", "c")
+    for n in (a, b):
+        await mesh.start(n.name)
+    await mesh.connected("a", "b")
+    did = await _write_some(a.store, "only-a")
+    await wait_until(lambda: _converged(a.store, b.store), what="b has a's rows")
+    await mesh.stop("a")
+
+    await mesh.start("c")
+    await wait_until(lambda: _converged(b.store, c.store), what="c has a's rows via b")
+    d = await c.store.get_deployment(did)
+    assert d is not None and d.origin == "a"
+    peers = {p["name"]: p for p in (await c.svc.status())["peers"]}
+    assert peers["a"]["state"] != "connected"
+    assert peers["a"]["changes_received"] == 0
+    assert peers["b"]["changes_applied"] >= 6  # deployment, events, result, three users
+
+
+async def _batches(store: Store, receiver: str, limit: int) -> list[Changes]:
+    """The sender's batches for ``receiver``, through the codec (what the wire carries)."""
+    out, after, head = [], 0, await store.head_seq()
+    while True:
+        changes, last = await store.changes_after(after, limit=limit, skip_origin=receiver)
+        if last == after:
+            return out
+        entries, last = fit_batch(changes, last, FAST)
+        msg = Changes(entries, last_seq=last, head_seq=head, after_seq=after, lag_bytes=0)
+        decoded = decode(encode(msg))
+        assert isinstance(decoded, Changes)
+        out.append(decoded)
+        after = last
+
+
+async def test_duplicated_and_reordered_batches_leave_identical_state(tmp_path: Path) -> None:
+    a = await Store.open(tmp_path / "a.db", node="a")
+    relay = await Store.open(tmp_path / "b.db", node="b")
+    receivers = [await Store.open(tmp_path / f"r{i}.db", node="r") for i in range(4)]
+    try:
+        first = await _write_some(a, "u", users=5)
+        await _write_some(a, "u", users=5)  # newer versions of the same users
+        await a.write_deployment(first, {"status": DeploymentStatus.FAILED})
+        batches = await _batches(a, "r", limit=3)
+        assert len(batches) > 4
+
+        async def feed(store: Store, peer: str, seq: list[Changes]) -> None:
+            rx = ChangeReceiver(store, peer, await store.cursor(peer), PeerStats())
+            for batch in seq:
+                await rx.on_changes(batch)
+
+        await feed(receivers[0], "a", batches)  # in order: the reference
+        # Every batch twice, then everything again newest first (all behind the cursor).
+        await feed(receivers[1], "a", [b for b in batches for _ in (0, 1)])
+        await feed(receivers[1], "a", list(reversed(batches)))
+        # A batch that skips ahead is refused whole; delivery then resumes at the cursor.
+        rx = ChangeReceiver(receivers[2], "a", 0, PeerStats())
+        with pytest.raises(ProtocolError, match="starts after seq"):
+            await rx.on_changes(batches[1])
+        assert await receivers[2].head_seq() == 0 and await receivers[2].cursor("a") == 0
+        await feed(receivers[2], "a", batches)
+        # The same rows by another path first (relayed by b), then from a itself.
+        await feed(relay, "a", batches)
+        await feed(receivers[3], "b", list(await _batches(relay, "r", limit=4)))
+        await feed(receivers[3], "a", batches)
+
+        reference = await dump(receivers[0])
+        assert reference["users"] and reference["deployment_events"]
+        for other in receivers[1:]:
+            assert await dump(other) == reference
+        assert reference == await dump(a)
+        d = await receivers[1].get_deployment(first)
+        assert d is not None and d.status is DeploymentStatus.FAILED
+    finally:
+        for s in (a, relay, *receivers):
+            await s.close()
+
+
+# -- membership and status ------------------------------------------------------------
+
+
+async def test_cluster_status_shapes_and_states(mesh: Mesh) -> None:
+    a, b, c, _d = await mesh.add("a", "b", "c", "d")  # d is configured, never started
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def mute(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        accepted.append(w)  # c takes the connection and never says a word
+
+    silent = await asyncio.start_server(mute, "127.0.0.1", c.port)
+    try:
+        await mesh.start("a")
+        await mesh.start("b")
+        await mesh.connected("a", "b")
+        await a.accounts.put_user("x", password_hash="h", role="r", by="admin")
+        await wait_until(lambda: _converged(a.store, b.store))
+
+        async def settled() -> dict[str, Any] | None:
+            status = await a.svc.status()
+            p = {p["name"]: p for p in status["peers"]}
+            d_down = p["d"]["state"] == "disconnected" and p["d"]["last_error"] is not None
+            return status if d_down and accepted and p["c"]["state"] == "connecting" else None
+
+        status = await wait_until(settled, what="c connecting and d disconnected")
+    finally:
+        silent.close()
+        for w in accepted:
+            w.close()
+        await silent.wait_closed()
+    assert status["node"] == "a" and status["cluster_id"] == mesh.cluster_id
+    assert [p["name"] for p in status["peers"]] == ["b", "c", "d"]
+    keys = {"name", "url", "state", "last_seen", "lag_changes", "lag_bytes", "transfers",
+            "last_error"}  # fmt: skip
+    for p in status["peers"]:
+        assert keys <= p.keys()
+    pb, pc, pd = status["peers"]
+    assert pb["state"] == "connected" and pb["url"] == b.url and pb["inbound"] is True
+    assert pb["lag_changes"] == 0 and pb["lag_bytes"] == 0 and pb["transfers"] == []
+    assert abs(pb["last_seen"] - time.time() * 1000) < 10_000
+    assert pc["state"] == "connecting" and pc["last_seen"] is None  # stuck in the TLS handshake
+    assert pd["state"] == "disconnected" and "cannot reach 'd'" in pd["last_error"]
+    assert pd["last_seen"] is None and pd["inbound"] is False and pd["lag_changes"] is None
+    assert a.svc.members() == ["a", "b", "c", "d"]
+    assert a.svc.connected() == {"b"}
+
+
+async def test_members_added_and_removed_without_restart(mesh: Mesh) -> None:
+    a, b, d = await mesh.add("a", "b", "d")
+    a.peers = [p for p in a.peers if p.name == "b"]
+    b.peers = [p for p in b.peers if p.name == "a"]
+    d.peers = [p for p in d.peers if p.name == "a"]
+    for n in (a, b, d):
+        await mesh.start(n.name)
+    await mesh.connected("a", "b")
+
+    async def d_refused_by_a() -> bool:
+        peer = (await d.svc.status())["peers"][0]
+        return "not a member" in (peer["last_error"] or "")
+
+    await wait_until(d_refused_by_a, what="a refusing d")
+    assert "d" not in a.svc.members()
+
+    await a.accounts.put_member("d", d.url, by="admin")  # add_node
+    await mesh.connected("a", "d")
+    assert a.svc.members() == ["a", "b", "d"]
+    await wait_until(lambda: "d" in b.svc.members(), what="membership replicated to b")
+
+    await a.accounts.delete_member("d", by="admin")  # remove_node
+    await wait_until(
+        lambda: "d" not in a.svc.connected() | a.svc.subscribers(), what="d disconnected"
+    )
+    await wait_until(d_refused_by_a, what="a refusing d again")
+    assert a.svc.members() == ["a", "b"]
+
+    # A tombstone removes even a peer named in the config file.
+    m = await a.accounts.put_member("b", b.url, by="admin")
+    print("PUT", m, [dict(r) for r in await a.store.db.fetchall("SELECT * FROM members")], [dict(r) for r in await a.store.db.fetchall("SELECT seq, tbl, key, origin FROM changelog")])
+    print("DELETED", await a.accounts.delete_member("b", by="admin"))
+    try:
+        await wait_until(lambda: a.svc.members() == ["a"], what="b removed", timeout_s=5)
+    except AssertionError:
+        rows = await a.store.db.fetchall("SELECT * FROM members")
+        print("ROWS", [dict(r) for r in rows])
+        print("PEERS", a.svc.membership.peers())
+        print("CHANGELOG", [dict(r) for r in await a.store.db.fetchall("SELECT seq, tbl, key, version, origin FROM changelog WHERE tbl='members'")])
+        raise
+    await wait_until(lambda: not a.svc.connected() and not a.svc.subscribers())
+
+
+async def test_stop_leaves_nothing_running(mesh: Mesh) -> None:
+    before = asyncio.all_tasks()
+    a, b = await mesh.add("a", "b")
+    await mesh.start("a")
+    await mesh.start("b")
+    await mesh.connected("a", "b")
+    await a.accounts.put_user("x", password_hash="h", role="r", by="admin")
+    await wait_until(lambda: _converged(a.store, b.store))
+    await mesh.stop("a")
+    await mesh.stop("b")
+    assert a.store.feed.subscriber_count == 0 and b.store.feed.subscriber_count == 0
+    assert asyncio.all_tasks() - before == set()
+
+
+def test_backoff_is_exponential_jittered_and_bounded() -> None:
+    backoff = Backoff(0.1, 2.0)
+    rng = random.Random(7)
+    caps = [min(2.0, 0.1 * 2**n) for n in range(10)]
+    delays = [backoff.delay(n, rng) for n in range(10)]
+    for delay, cap in zip(delays, caps, strict=True):
+        assert cap / 2 <= delay <= cap
+    again = random.Random(7)
+    assert delays == [backoff.delay(n, again) for n in range(10)]  # the rng is the only input
+    assert backoff.delay(10_000, rng) <= 2.0  # no overflow however long it has failed
+    assert len({round(backoff.delay(9, random.Random(s)), 6) for s in range(20)}) > 10
+
+
+def test_settings_refuse_what_cannot_work() -> None:
+    with pytest.raises(ValueError, match="dead_after_s"):
+        Settings(heartbeat_s=2.0, dead_after_s=1.0)
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        Settings(chunk_bytes=64 << 20)
+    with pytest.raises(ValueError, match="credit"):
+        Settings(credit_batches=0)
+
+
+# -- three real node apps -------------------------------------------------------------
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+async def test_three_node_apps_deploy_end_to_end(
+    aiohttp_client: Any, tmp_path: Path, mesh: Mesh
+) -> None:
+    names = ["n1", "n2", "n3"]
+    ports = {n: free_port() for n in names}
+    apis: dict[str, Api] = {}
+    for name in names:
+        certs = mesh.issue(name)
+        config = parse_config(
+            {
+                "node": {"name": name, "data_dir": str(tmp_path / "apps" / name)},
+                "auth": {"bootstrap_user": ADMIN[0], "bootstrap_password": ADMIN[1]},
+                "peer": {"host": "127.0.0.1", "port": ports[name]},
+                "tls": {"ca": str(mesh.ca), "cert": str(certs.cert), "key": str(certs.key)},
+                "peers": [
+                    {"name": o, "url": f"wss://127.0.0.1:{ports[o]}"} for o in names if o != name
+                ],
+                "replication": {
+                    "heartbeat_s": 0.2,
+                    "dead_after_s": 1.5,
+                    "reconnect_min_s": 0.05,
+                    "reconnect_max_s": 0.3,
+                },
+            },
+            base=tmp_path,
+            env={},
+        )
+        app = create_app(config, cluster_factory=cluster_factory)
+        apis[name] = Api(await aiohttp_client(app), app)
+
+    def services(name: str) -> Services:
+        return apis[name].app[SERVICES]
+
+    await wait_until(
+        lambda: all(services(n).ctx.cluster.connected() == set(names) - {n} for n in names),
+        what="full mesh",
+    )
+    status, body = await apis["n1"].op("cluster_status")
+    assert status == 200 and [p["state"] for p in body["peers"]] == ["connected"] * 2
+
+    payload = component(check="test -f index.html", **{"data.bin": "x" * 100_000})
+    status, body = await apis["n1"].deploy("web", payload)
+    assert status == 200, body
+    did = body["deployment_id"]
+    assert [(r["node"], r["status"]) for r in body["peer_results"]] == [
+        (n, "active") for n in names
+    ]
+
+    async def record(name: str) -> dict[str, Any] | None:
+        status, rec = await apis[name].op("get_deployment", deployment_id=did)
+        return rec if status == 200 and rec["status"] == "success" else None
+
+    records = [await wait_until(lambda n=n: record(n), what=f"success on {n}") for n in names]
+
+    def essentials(rec: dict[str, Any]) -> tuple[Any, ...]:
+        results = tuple((r["node"], r["status"]) for r in rec["peer_results"])
+        return rec["payload_hash"], rec["status"], tuple(rec["expected_nodes"]), results
+
+    assert len({essentials(r) for r in records}) == 1
+    assert essentials(records[0])[3] == tuple((n, "active") for n in names)
+    trees = []
+    for name in names:
+        ctx = services(name).ctx
+        assert ctx.components.current("web") == did
+        trees.append(_tree(ctx.components.release_dir("web", did)))
+        assert ctx.blobs.stats() == (1, len(payload))
+    assert trees[0] == trees[1] == trees[2] and "data.bin" in trees[0]
