@@ -65,6 +65,10 @@ class Database:
         self._writer = writer
         self._reader = reader
         self._lock = asyncio.Lock()
+        # One read at a time from execute to the last row: while a statement is open the
+        # reader connection stays in its read transaction, and a read interleaved with it
+        # would see that old snapshot, not what was committed since (read-your-writes).
+        self._read_lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: Path, *, upto: int | None = None) -> Database:
@@ -99,7 +103,7 @@ class Database:
 
     async def schema_version(self) -> int:
         """The ``user_version`` of the open database."""
-        async with self._reader.execute("PRAGMA user_version") as cur:
+        async with self._read_lock, self._reader.execute("PRAGMA user_version") as cur:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
@@ -134,7 +138,7 @@ class Database:
     async def fetchall(self, sql: str, params: tuple[object, ...] = ()) -> list[sqlite3.Row]:
         """Run a read-only query on the reader connection."""
         try:
-            async with self._reader.execute(sql, params) as cur:
+            async with self._read_lock, self._reader.execute(sql, params) as cur:
                 return list(await cur.fetchall())
         except sqlite3.Error as e:
             raise StorageError(str(e)) from e

@@ -105,7 +105,6 @@ class Coordinator:
                 if d.status is DeploymentStatus.ACTIVATING:
                     return await self._activate(d, sub)
                 await self._stage_here(d)
-                await self._step("stage", DeploymentStatus.STAGING)
                 if len(d.expected_nodes) > 1:
                     d = await self._replicate(d, sub)
                 return await self._activate(d, sub)
@@ -160,7 +159,7 @@ class Coordinator:
 
         self.ctx.faults.hit("deploy.before_stage")
         await pipeline.stage(self.ctx, d, on_step=on_step, on_line=self.rec.line)
-        await self.rec.flush()
+        await self._step("stage", DeploymentStatus.STAGING)
         await self._mine(NodeStatus.STAGED, "stage")
 
     async def _replicate(self, d: Deployment, sub: Any) -> Deployment:

@@ -282,17 +282,9 @@ async def test_members_added_and_removed_without_restart(mesh: Mesh) -> None:
     assert a.svc.members() == ["a", "b"]
 
     # A tombstone removes even a peer named in the config file.
-    m = await a.accounts.put_member("b", b.url, by="admin")
-    print("PUT", m, [dict(r) for r in await a.store.db.fetchall("SELECT * FROM members")], [dict(r) for r in await a.store.db.fetchall("SELECT seq, tbl, key, origin FROM changelog")])
-    print("DELETED", await a.accounts.delete_member("b", by="admin"))
-    try:
-        await wait_until(lambda: a.svc.members() == ["a"], what="b removed", timeout_s=5)
-    except AssertionError:
-        rows = await a.store.db.fetchall("SELECT * FROM members")
-        print("ROWS", [dict(r) for r in rows])
-        print("PEERS", a.svc.membership.peers())
-        print("CHANGELOG", [dict(r) for r in await a.store.db.fetchall("SELECT seq, tbl, key, version, origin FROM changelog WHERE tbl='members'")])
-        raise
+    await a.accounts.put_member("b", b.url, by="admin")
+    await a.accounts.delete_member("b", by="admin")
+    await wait_until(lambda: a.svc.members() == ["a"], what="b removed")
     await wait_until(lambda: not a.svc.connected() and not a.svc.subscribers())
 
 
