@@ -40,6 +40,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -206,7 +207,7 @@ async def deploy(url: str, project: str, path: Path) -> tuple[int, dict[str, obj
     ).encode()
     tail = f"\r\n--{boundary}--\r\n".encode()
 
-    async def body():  # type: ignore[no-untyped-def]
+    async def body() -> AsyncIterator[bytes]:
         yield head
         with path.open("rb") as f:
             while chunk := await asyncio.to_thread(f.read, MiB):

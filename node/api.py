@@ -114,8 +114,9 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    ctx = request.app[SERVICES].ctx
-    text = await request.app[METRICS].render(ctx.store, ctx.blobs)
+    services = request.app[SERVICES]
+    status = await services.cluster_status() if services.cluster_status else None
+    text = await request.app[METRICS].render(services.ctx.store, services.ctx.blobs, status)
     return web.Response(body=text, headers={"Content-Type": CONTENT_TYPE})
 
 

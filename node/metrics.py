@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from storage.blobs import BlobStore
@@ -44,8 +46,11 @@ class Metrics:
             "cairn_peer_lag_changes", "Changes behind a peer", ["peer"], registry=r
         )
 
-    async def render(self, store: Store, blobs: BlobStore) -> bytes:
-        """Refresh the gauges read from storage and return the exposition text."""
+    async def render(
+        self, store: Store, blobs: BlobStore, cluster: dict[str, Any] | None = None
+    ) -> bytes:
+        """Refresh the gauges read from storage (and the cluster status, if clustered)
+        and return the exposition text."""
         rows = await store.db.fetchall(
             "SELECT status, COUNT(*) AS n FROM deployments GROUP BY status"
         )
@@ -55,5 +60,11 @@ class Metrics:
         count, size = blobs.stats()
         self.blob_count.set(count)
         self.blob_bytes.set(size)
+        self.peer_connected.clear()
+        self.peer_lag.clear()
+        for peer in (cluster or {}).get("peers", []):
+            self.peer_connected.labels(peer=peer["name"]).set(int(peer["state"] == "connected"))
+            if peer.get("lag_changes") is not None:
+                self.peer_lag.labels(peer=peer["name"]).set(peer["lag_changes"])
         out: bytes = generate_latest(self.registry)
         return out

@@ -302,3 +302,18 @@ def test_a_node_that_cannot_start_is_named_with_its_own_error(tmp_path: Path) ->
         "node n2 exited with code 2 while starting: log_level 'loud' is not one of debug, "
         f"info, warning, error (log: {layout.node('n2').log_path})"
     )
+
+
+def test_metrics_report_each_peer_connected(make_cluster: Any) -> None:
+    import urllib.request
+
+    c = make_cluster(3).start()
+    with urllib.request.urlopen(f"{c['n1'].url}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    for peer in ("n2", "n3"):
+        assert f'cairn_peer_connected{{peer="{peer}"}} 1.0' in text
+        assert f'cairn_peer_lag_changes{{peer="{peer}"}}' in text
+    c["n3"].stop()
+    c.wait_peer_state(c["n1"], "n3", "disconnected")
+    with urllib.request.urlopen(f"{c['n1'].url}/metrics", timeout=10) as r:
+        assert 'cairn_peer_connected{peer="n3"} 0.0' in r.read().decode()
