@@ -30,7 +30,7 @@ from node.deploy.hooks import HookGroups
 from node.deploy.origin import Origin
 from node.deploy.reconciler import Reconciler
 from node.metrics import Metrics
-from node.operations import cluster, deployments, users
+from node.operations import cluster, deployments, payloads, users
 from node.operations.registry import Registry
 from node.tasks import TaskSet
 from storage.accounts import Accounts
@@ -61,7 +61,7 @@ ClusterFactory = Callable[[Config, Services], AsyncIterator[ClusterHooks]]
 
 def registry() -> Registry:
     r = Registry()
-    for family in (deployments.registry, users.registry, cluster.registry):
+    for family in (deployments.registry, payloads.registry, users.registry, cluster.registry):
         r.merge(family)
     return r
 

@@ -274,7 +274,7 @@ async def test_members_added_and_removed_without_restart(mesh: Mesh) -> None:
     assert a.svc.members() == ["a", "b", "d"]
     await wait_until(lambda: "d" in b.svc.members(), what="membership replicated to b")
 
-    await a.accounts.delete_member("d", by="admin")  # remove_node
+    assert await a.accounts.delete_member("d", by="admin")  # remove_node
     await wait_until(
         lambda: "d" not in a.svc.connected() | a.svc.subscribers(), what="d disconnected"
     )
@@ -283,7 +283,8 @@ async def test_members_added_and_removed_without_restart(mesh: Mesh) -> None:
 
     # A tombstone removes even a peer named in the config file.
     await a.accounts.put_member("b", b.url, by="admin")
-    await a.accounts.delete_member("b", by="admin")
+    # Read-your-writes while senders read the store all the time (storage/db.py's read lock).
+    assert await a.accounts.delete_member("b", by="admin")
     await wait_until(lambda: a.svc.members() == ["a"], what="b removed")
     await wait_until(lambda: not a.svc.connected() and not a.svc.subscribers())
 
