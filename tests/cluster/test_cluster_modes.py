@@ -3,6 +3,8 @@ removing a component everywhere, and dropping a payload everywhere."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from cluster_harness import Cluster, sha256
 from helpers import component
@@ -90,3 +92,22 @@ def test_dropping_a_payload_frees_it_on_every_node(shared_cluster: Cluster) -> N
             n, first["deployment_id"], lambda d: d["payload_blob_present"] is False
         )
         assert copy["status"] == "success"  # the record stays, only the bytes go
+
+
+def test_a_node_that_does_not_answer_in_time_fails_the_deploy_and_nothing_activates(
+    make_cluster: Any,
+) -> None:
+    c = make_cluster(3).start()
+    code, before = c.deploy(c["n1"], "slow", component(v="before"))
+    assert code == 200, before
+    c.wait_everywhere(before["deployment_id"])
+    c["n3"].stop()
+    c.wait_peer_state(c["n1"], "n3", "disconnected")
+    code, body = c.deploy(c["n1"], "slow", component(v="after"), deployment_timeout=2000)
+    assert code == 504, body
+    assert body["code"] == "deployment_timeout" and body["failed_nodes"] == ["n3"]
+    record = c.wait_deployment(c["n2"], body["deployment_id"])
+    assert record["status"] == "failed" and record["error"]["code"] == "deployment_timeout"
+    # n2 staged the release but never switched to it; neither did the origin.
+    assert c["n1"].active_release("slow") == before["deployment_id"]
+    assert c["n2"].active_release("slow") == before["deployment_id"]
