@@ -148,10 +148,15 @@ class NodeProcess:
         user: str = ADMIN_USER,
         password: str = ADMIN_PASSWORD,
         timeout_s: float = 60.0,
-        **fields: Any,
+        fields: dict[str, Any] | None = None,
+        **more: Any,
     ) -> tuple[int, Any]:
-        """One JSON operation; returns (status, parsed body)."""
-        body = json.dumps({"operation": operation, **fields}).encode()
+        """One JSON operation; returns (status, parsed body).
+
+        Body fields come as keywords, or in ``fields`` for names that clash with this
+        method's own (``user``, ``password``).
+        """
+        body = json.dumps({"operation": operation, **(fields or {}), **more}).encode()
         req = urllib.request.Request(self.url + "/", data=body, method="POST")
         req.add_header("Content-Type", "application/json")
         token = base64.b64encode(f"{user}:{password}".encode()).decode()
