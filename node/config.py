@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from replication.session import Settings
+
 __all__ = [
     "AdminConfig",
     "AuthConfig",
@@ -108,16 +110,19 @@ class DeployConfig:
     package_fetch_timeout_s: float = 300.0
 
 
+_REPLICATION = Settings()  # the replication service's defaults are the config's defaults
+
+
 @dataclass(frozen=True, slots=True)
 class ReplicationConfig:
-    heartbeat_s: float = 2.0
-    dead_after_s: float = 8.0
-    reconnect_min_s: float = 0.2
-    reconnect_max_s: float = 5.0
-    batch_changes: int = 500
-    credit_batches: int = 8
-    chunk_bytes: int = 256 * 1024
-    chunk_credit: int = 16
+    heartbeat_s: float = _REPLICATION.heartbeat_s
+    dead_after_s: float = _REPLICATION.dead_after_s
+    reconnect_min_s: float = _REPLICATION.reconnect_min_s
+    reconnect_max_s: float = _REPLICATION.reconnect_max_s
+    batch_changes: int = _REPLICATION.batch_changes
+    credit_batches: int = _REPLICATION.credit_batches
+    chunk_bytes: int = _REPLICATION.chunk_bytes
+    chunk_credit: int = _REPLICATION.chunk_credit
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from storage.durable import fsync_path
 from storage.errors import BlobCorrupt, BlobMissing, BlobTooLarge, StorageError
 from storage.faults import NO_FAULTS, Faults
 
@@ -55,21 +56,12 @@ def _check_hash(hash: str) -> str:
     return hash
 
 
-def _fsync(path: Path) -> None:
-    """fsync a file, or a directory so that its entries survive a crash."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _ensure_dir(path: Path) -> None:
     """Create ``path`` and missing parents, fsyncing each parent that gained an entry."""
     if not path.is_dir():
         _ensure_dir(path.parent)
         path.mkdir(exist_ok=True)  # a concurrent caller may have made it meanwhile
-        _fsync(path.parent)
+        fsync_path(path.parent)
 
 
 def _write_all(fd: int, bufs: list[bytes]) -> None:
@@ -313,7 +305,7 @@ class BlobStore:
         _ensure_dir(dest.parent)
         self._faults.hit("blob.before_rename")
         os.replace(sink.path, dest)
-        _fsync(dest.parent)
+        fsync_path(dest.parent)
 
     async def read(self, hash: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         """Stream the byte range ``[start, end)`` of a blob in chunks of ``chunk_bytes``.
@@ -368,7 +360,7 @@ class BlobStore:
             path.unlink()
         except FileNotFoundError:
             return 0
-        _fsync(path.parent)
+        fsync_path(path.parent)
         return size
 
     def partial_offset(self, hash: str) -> int:
@@ -437,12 +429,12 @@ class BlobStore:
         if found != info.size or _hash_file(path) != info.hash:
             path.unlink(missing_ok=True)
             raise BlobCorrupt(f"fetched bytes do not match {info.hash} ({found} bytes)")
-        _fsync(path)
+        fsync_path(path)
         dest = self.path(info.hash)
         _ensure_dir(dest.parent)
         self._faults.hit("blob.partial_before_rename")
         os.replace(path, dest)
-        _fsync(dest.parent)
+        fsync_path(dest.parent)
         return info
 
     def drop_partial(self, hash: str) -> None:

@@ -22,6 +22,7 @@ import uuid
 from pathlib import Path
 
 from node.deploy.extract import sweep_temp
+from storage.durable import fsync_path
 from storage.faults import NO_FAULTS, Faults
 
 __all__ = ["Components", "validate_deployment_id", "validate_project"]
@@ -125,7 +126,7 @@ class Components:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(project_dir)
+        fsync_path(project_dir)
         return previous
 
     def deactivate(self, project: str) -> str | None:
@@ -140,7 +141,7 @@ class Components:
             (project_dir / _CURRENT).unlink()
         except FileNotFoundError:
             return previous
-        _fsync_dir(project_dir)
+        fsync_path(project_dir)
         return previous
 
     def discard_release(self, project: str, deployment_id: str) -> bool:
@@ -202,11 +203,3 @@ def _is_deployment_id(name: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from node.errors import DeployFailed
+from storage.durable import fsync_path
 from storage.faults import NO_FAULTS, Faults
 
 __all__ = ["ExtractLimits", "ExtractResult", "extract_release", "sweep_temp"]
@@ -479,18 +480,10 @@ def _publish(tmp: Path, dest: Path, root: str | None) -> None:
     try:
         if root is not None:
             os.rmdir(tmp)
-        _fsync_dir(dest.parent)
+        fsync_path(dest.parent)
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def sweep_temp(parent: Path) -> list[Path]:
