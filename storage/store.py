@@ -8,21 +8,20 @@ feed once the transaction has committed. Remote changes are applied by
 
 from __future__ import annotations
 
-import base64
-import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from storage import events as ev
-from storage.changelog import CHANGELOG, ChangeFeed, Tx, decode_change
+from storage.changelog import CHANGELOG, ChangeFeed, Tx
 from storage.db import Database
 from storage.errors import StorageError
 from storage.hlc import HybridClock
+from storage.listing import DeploymentFilter, decode_cursor, encode_cursor
+from storage.logreads import ChangeLogReads
 from storage.records import (
     TERMINAL,
-    Change,
     Deployment,
     DeploymentStatus,
     Event,
@@ -47,59 +46,7 @@ class TransitionError(StorageError):
     """A write would move a deployment backwards or out of a terminal status."""
 
 
-class DeploymentFilter:
-    """Filters for :meth:`Store.list_deployments` (all optional, combined with AND)."""
-
-    def __init__(
-        self,
-        *,
-        project: str | None = None,
-        status: str | None = None,
-        user: str | None = None,
-        since: int | None = None,
-        until: int | None = None,
-    ) -> None:
-        self.project, self.status, self.user = project, status, user
-        self.since, self.until = since, until
-
-    def where(self) -> tuple[list[str], list[object]]:
-        clauses: list[str] = []
-        params: list[object] = []
-        for col, value in (("project", self.project), ("status", self.status), ("user", self.user)):
-            if value is not None:
-                clauses.append(f"{col} = ?")
-                params.append(value)
-        if self.since is not None:
-            clauses.append("started_at >= ?")
-            params.append(self.since)
-        if self.until is not None:
-            clauses.append("started_at <= ?")
-            params.append(self.until)
-        return clauses, params
-
-
-def _encode_cursor(d: Deployment) -> str:
-    raw = json.dumps([d.started_at, d.deployment_id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> tuple[int, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        value = json.loads(raw)
-        if not isinstance(value, list) or len(value) != 2:
-            raise ValueError
-        started_at, deployment_id = value
-        if isinstance(started_at, bool) or not isinstance(started_at, int):
-            raise ValueError
-        if not isinstance(deployment_id, str) or not 0 <= started_at < 1 << 63:
-            raise ValueError
-        return started_at, deployment_id
-    except (ValueError, TypeError) as e:
-        raise ValueError("cursor is not one this node issued") from e
-
-
-class Store:
+class Store(ChangeLogReads):
     """All of a node's rows. Construct with :meth:`open`."""
 
     def __init__(self, db: Database, *, node: str, clock: HybridClock, feed: ChangeFeed):
@@ -255,7 +202,7 @@ class Store:
         total = int(count["n"]) if count else 0
         page_clauses, page_params = list(clauses), list(params)
         if cursor is not None:
-            started_at, deployment_id = _decode_cursor(cursor)
+            started_at, deployment_id = decode_cursor(cursor)
             page_clauses.append("(started_at, deployment_id) < (?, ?)")
             page_params += [started_at, deployment_id]
             offset = 0
@@ -266,7 +213,7 @@ class Store:
             (*page_params, limit + 1, offset),
         )
         items = [deployment_from(DEPLOYMENTS.from_sql(r)) for r in rows[:limit]]
-        next_cursor = _encode_cursor(items[-1]) if len(rows) > limit and items else None
+        next_cursor = encode_cursor(items[-1]) if len(rows) > limit and items else None
         return Page(items, total, next_cursor)
 
     async def deployments(
@@ -440,108 +387,6 @@ class Store:
             )
 
     # -- change log -------------------------------------------------------------------
-
-    async def head_seq(self) -> int:
-        row = await self.db.fetchone("SELECT MAX(seq) AS s FROM changelog")
-        return int(row["s"]) if row is not None and row["s"] is not None else 0
-
-    async def changes_after(
-        self,
-        after_seq: int,
-        *,
-        limit: int = 500,
-        max_bytes: int = 4 << 20,
-        skip_origin: str | None = None,
-    ) -> tuple[list[Change], int]:
-        """Entries after ``after_seq`` in order, and the last seq examined.
-
-        Entries written by ``skip_origin`` are not returned (the receiver wrote them),
-        but the returned seq still moves past them so the receiver's cursor advances.
-        """
-        rows = await self.db.fetchall(
-            "SELECT * FROM changelog WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)
-        )
-        out: list[Change] = []
-        last, size = after_seq, 0
-        for row in rows:
-            change = decode_change(row)
-            if out and size + change.size > max_bytes:
-                break
-            last = change.seq
-            if change.origin != skip_origin:
-                out.append(change)
-                size += change.size
-        return out, last
-
-    async def backlog_bytes(
-        self, after_seq: int, *, skip_origin: str | None = None, window: int = 100_000
-    ) -> int:
-        """Bytes of change data after ``after_seq`` not written by ``skip_origin``.
-
-        A replication sender reports it as the receiver's lag in bytes. At most
-        ``window`` entries are counted, so the cost stays bounded however far behind.
-        """
-        row = await self.db.fetchone(
-            "SELECT COALESCE(SUM(length(data)), 0) AS n FROM (SELECT data FROM changelog "
-            "WHERE seq > ? AND origin IS NOT ? ORDER BY seq LIMIT ?)",
-            (after_seq, skip_origin, window),
-        )
-        return int(row["n"]) if row is not None else 0
-
-    async def cursor(self, peer: str) -> int:
-        row = await self.db.fetchone("SELECT seq FROM peer_cursors WHERE peer = ?", (peer,))
-        return int(row["seq"]) if row else 0
-
-    async def cursors(self) -> dict[str, int]:
-        rows = await self.db.fetchall("SELECT peer, seq FROM peer_cursors")
-        return {r["peer"]: int(r["seq"]) for r in rows}
-
-    async def read_audit_log(
-        self,
-        *,
-        table: str,
-        key: str | None = None,
-        since: int | None = None,
-        until: int | None = None,
-        limit: int = 100,
-    ) -> list[dict[str, Any]]:
-        """Who changed which row of ``table`` when, from which node, newest first.
-
-        Rows of replicated changes appear once per node they passed through, with the
-        origin node and version of the write, so the history is the same on every node.
-        """
-        clauses, params = ["tbl = ?"], [table]
-        for cond, value in (("key = ?", key), ("t >= ?", since), ("t <= ?", until)):
-            if value is not None:
-                clauses.append(cond)
-                params.append(value)  # type: ignore[arg-type]
-        rows = await self.db.fetchall(
-            "SELECT seq, tbl, key, version, origin, op, data, user, t FROM changelog "
-            f"WHERE {' AND '.join(clauses)} ORDER BY seq DESC LIMIT ?",
-            (*params, limit),
-        )
-        return [
-            {
-                "seq": r["seq"],
-                "table": r["tbl"],
-                "key": r["key"],
-                "operation": _audit_op(r),
-                "user": r["user"],
-                "node": r["origin"],
-                "version": r["version"],
-                "timestamp": r["t"],
-            }
-            for r in rows
-        ]
-
-
-def _audit_op(row: Any) -> str:
-    """``delete`` for a tombstone write (users, roles, members), else the logged op."""
-    if row["op"] == "upsert":
-        data = decode_change(row).data
-        if isinstance(data, dict) and data.get("deleted"):
-            return "delete"
-    return str(row["op"])
 
 
 def _check_transition(d: Deployment, changes: dict[str, Any]) -> None:
