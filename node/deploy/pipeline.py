@@ -8,6 +8,7 @@ release active and raises :class:`~node.errors.DeployFailed`.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -100,6 +101,10 @@ async def stage(ctx: DeployContext, d: Deployment, *, on_step: OnStep, on_line: 
             ctx, config.install, "install", NodeStatus.INSTALLING, env, dest, on_step, on_line
         )
         await _hook(ctx, config.check, "check", NodeStatus.LOADING, env, dest, on_step, on_line)
+        # Extraction and hooks write through the page cache; a release may only be
+        # called staged (and then switched to) once its files would survive a power
+        # loss. One sync per release is cheaper than an fsync per extracted file.
+        await asyncio.to_thread(os.sync)
     except BaseException:
         ctx.components.discard_release(d.project, d.deployment_id)
         raise
