@@ -23,12 +23,8 @@ from replication.codec import DEFAULT_LIMITS
 from replication.membership import PeerAddress
 from replication.service import ReplicationService
 from replication.session import Settings
-from replication.tls import (
-    check_node_credentials,
-    client_ssl_context,
-    cluster_id_for_ca,
-    server_ssl_context,
-)
+from replication.sslctx import client_ssl_context, server_ssl_context
+from replication.tls import check_node_credentials, cluster_id_for_ca
 
 __all__ = ["ReplicationHooks", "cluster_factory", "settings_from"]
 

@@ -66,7 +66,7 @@ async def serve(config: Config, *, faults: object | None = None) -> None:
     app = create_app(config, faults=EnvCrashPoints(), cluster_factory=_cluster_factory(config))
     ssl_ctx = None
     if config.admin.tls_cert is not None and config.admin.tls_key is not None:
-        from replication.tls import admin_ssl_context
+        from replication.sslctx import admin_ssl_context
 
         ssl_ctx = admin_ssl_context(config.admin.tls_cert, config.admin.tls_key)
     runner = web.AppRunner(

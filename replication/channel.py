@@ -6,8 +6,8 @@ never a frame — and everything above this module takes identity from there.
 
 :class:`TlsTransport` is the production :class:`Transport`. The listener is an aiohttp
 app with one route (``GET /cairn/peer/v1``, WebSocket upgrade) on the peer port, served
-over :func:`replication.tls.server_ssl_context` (mutual TLS, CERT_REQUIRED); any other
-method or path there is a 404. The dialler uses :func:`replication.tls.client_ssl_context`
+over :func:`replication.sslctx.server_ssl_context` (mutual TLS, CERT_REQUIRED); any other
+method or path there is a 404. The dialler uses :func:`replication.sslctx.client_ssl_context`
 with the peer's node name as ``server_hostname``, so TLS itself checks that the node that
 answered is the one meant, and the name is read back from the certificate as well.
 
@@ -32,7 +32,7 @@ from yarl import URL
 from replication.codec import DEFAULT_LIMITS, FrameLimits, decode, encode
 from replication.errors import CertificateError, HandshakeError, ProtocolError, ReplicationError
 from replication.messages import Message
-from replication.tls import peer_name_from_ssl
+from replication.sslctx import peer_name_from_ssl
 
 __all__ = [
     "PEER_PATH",
@@ -218,8 +218,8 @@ class TlsTransport:
     Args:
         host: address the listener binds.
         port: port the listener binds (0 picks a free one; see :attr:`port`).
-        server_ssl: from :func:`replication.tls.server_ssl_context`.
-        client_ssl: from :func:`replication.tls.client_ssl_context`.
+        server_ssl: from :func:`replication.sslctx.server_ssl_context`.
+        client_ssl: from :func:`replication.sslctx.client_ssl_context`.
         limits: frame limits; also the WebSocket's maximum message size.
         connect_timeout_s: how long a dial may take to connect and handshake.
         close_timeout_s: how long a close waits for the peer's close frame.

@@ -2,7 +2,7 @@
 
 The dialler sends :class:`Hello`; the listener answers :class:`Welcome` or :class:`Refuse`.
 Identity never comes from a frame: each side passes in the node name read from the
-verified TLS certificate (:func:`replication.tls.peer_name_from_ssl`), and a frame that
+verified TLS certificate (:func:`replication.sslctx.peer_name_from_ssl`), and a frame that
 claims another name is refused. The certificate wins.
 
 The listener decides the session's capabilities: the intersection of both sides' sets,

@@ -1,4 +1,4 @@
-"""The cluster's PKI and the SSL contexts of the peer and admin ports.
+"""The cluster's PKI: the CA, node certificates, and the names and ids read from them.
 
 One CA per cluster signs a short-lived certificate per node. A node's name lives in its
 certificate (a URI SAN ``urn:cairn:node:<name>``, with the subject CN as fallback), so the
@@ -7,7 +7,10 @@ certificate also carries ``DNSName(<name>)``, so a dialler can pass the peer's n
 as ``server_hostname`` and let hostname checking verify *who* answers, whatever address
 it dialled. The cluster id is derived from the CA certificate and needs no configuration.
 
-Foreign errors (``cryptography``, ``ssl``, the file system) are translated here into
+The SSL contexts of the peer and admin ports, and reading the peer's name from a TLS
+session, live in :mod:`replication.sslctx`, which builds on this module.
+
+Foreign errors (``cryptography``, the file system) are translated here into
 :class:`~replication.errors.CertificateError` with one sentence naming the file.
 """
 
@@ -16,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
-import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -35,15 +37,11 @@ __all__ = [
     "NODE_URI_PREFIX",
     "CAFiles",
     "NodeCertFiles",
-    "admin_ssl_context",
     "check_node_credentials",
-    "client_ssl_context",
     "cluster_id_for_ca",
     "init_ca",
     "issue_node_cert",
     "node_name_from_cert",
-    "peer_name_from_ssl",
-    "server_ssl_context",
 ]
 
 NODE_URI_PREFIX = "urn:cairn:node:"
@@ -54,7 +52,6 @@ _CA_KEY = "ca.key"
 _BACKDATE = timedelta(minutes=5)
 # A reused node certificate must stay valid at least this long, else it is reissued.
 _MIN_REMAINING = timedelta(days=1)
-_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,115 +260,7 @@ def check_node_credentials(
         )
 
 
-# -- SSL contexts ---------------------------------------------------------------------
-
-
-def server_ssl_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
-    """Build the peer port's context: mutual TLS, the client must present a CA-signed cert.
-
-    Args:
-        cert: this node's certificate.
-        key: this node's private key.
-        ca: the cluster CA certificate.
-
-    Returns:
-        A TLS 1.2+ server context with ``verify_mode = CERT_REQUIRED``.
-
-    Raises:
-        CertificateError: a file is missing or unusable.
-    """
-    return _peer_context(server=True, cert=cert, key=key, ca=ca)
-
-
-def client_ssl_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
-    """Build the dialler's context: present our cert, verify the server against the CA.
-
-    Hostname checking is on. Pass the peer's node name as ``server_hostname`` to verify
-    the peer's identity (every node certificate carries ``DNSName(<node>)``).
-
-    Args:
-        cert: this node's certificate.
-        key: this node's private key.
-        ca: the cluster CA certificate.
-
-    Returns:
-        A TLS 1.2+ client context.
-
-    Raises:
-        CertificateError: a file is missing or unusable.
-    """
-    ctx = _peer_context(server=False, cert=cert, key=key, ca=ca)
-    ctx.check_hostname = True
-    return ctx
-
-
-def admin_ssl_context(cert: Path, key: Path) -> ssl.SSLContext:
-    """Build the optional admin port context (server authentication only).
-
-    Args:
-        cert: the admin certificate (chain) file.
-        key: its private key.
-
-    Returns:
-        A TLS 1.2+ server context that does not ask clients for certificates.
-
-    Raises:
-        CertificateError: a file is missing or unusable.
-    """
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    _load_chain(ctx, cert, key)
-    return ctx
-
-
-def peer_name_from_ssl(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str:
-    """Return the node name of the verified peer of a TLS session.
-
-    Only meaningful on sessions made with :func:`server_ssl_context` or
-    :func:`client_ssl_context`, which verify the peer certificate against the CA.
-
-    Args:
-        ssl_object: the session's SSL object (``transport.get_extra_info("ssl_object")``).
-
-    Returns:
-        The peer's node name.
-
-    Raises:
-        CertificateError: no TLS session, no peer certificate, or no valid name in it.
-    """
-    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-    if not der:
-        raise CertificateError("the peer presented no TLS certificate")
-    return node_name_from_cert(der)
-
-
 # -- helpers --------------------------------------------------------------------------
-
-
-def _peer_context(*, server: bool, cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # 1.3 is negotiated whenever both can
-    ctx.set_ciphers(_TLS12_CIPHERS)  # TLS 1.2 only: forward secrecy and AEAD
-    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    _load_chain(ctx, cert, key)
-    if not ca.is_file():
-        raise CertificateError(f"CA certificate {ca} does not exist")
-    try:
-        ctx.load_verify_locations(cafile=ca)
-    except (OSError, ValueError) as e:
-        raise CertificateError(f"cannot load CA certificate {ca}: {e}") from e
-    return ctx
-
-
-def _load_chain(ctx: ssl.SSLContext, cert: Path, key: Path) -> None:
-    for path in (cert, key):
-        if not path.is_file():
-            raise CertificateError(f"TLS file {path} does not exist")
-    try:
-        ctx.load_cert_chain(certfile=cert, keyfile=key)
-    except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
-        raise CertificateError(f"cannot load certificate {cert} with key {key}: {e}") from e
 
 
 def _read(path: Path, what: str) -> bytes:

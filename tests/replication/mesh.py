@@ -21,14 +21,8 @@ from replication.channel import TlsTransport
 from replication.membership import PeerAddress
 from replication.service import ReplicationService
 from replication.session import Settings
-from replication.tls import (
-    NodeCertFiles,
-    client_ssl_context,
-    cluster_id_for_ca,
-    init_ca,
-    issue_node_cert,
-    server_ssl_context,
-)
+from replication.sslctx import client_ssl_context, server_ssl_context
+from replication.tls import NodeCertFiles, cluster_id_for_ca, init_ca, issue_node_cert
 from storage.accounts import Accounts
 from storage.blobs import BlobStore
 from storage.records import DeploymentStatus

@@ -37,7 +37,8 @@ from replication.messages import (
     Welcome,
 )
 from replication.session import CAPS
-from replication.tls import client_ssl_context, init_ca, issue_node_cert
+from replication.sslctx import client_ssl_context
+from replication.tls import init_ca, issue_node_cert
 
 # Frames up to 256 KiB here, so an oversize frame is cheap to send.
 SMALL = replace(FAST, chunk_bytes=64 << 10, limits=FrameLimits(max_frame_bytes=256 << 10))

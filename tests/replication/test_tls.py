@@ -19,18 +19,20 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from replication.errors import CertificateError
+from replication.sslctx import (
+    admin_ssl_context,
+    client_ssl_context,
+    peer_name_from_ssl,
+    server_ssl_context,
+)
 from replication.tls import (
     CAFiles,
     NodeCertFiles,
-    admin_ssl_context,
     check_node_credentials,
-    client_ssl_context,
     cluster_id_for_ca,
     init_ca,
     issue_node_cert,
     node_name_from_cert,
-    peer_name_from_ssl,
-    server_ssl_context,
 )
 
 HOSTS = ("127.0.0.1", "localhost", "::1")
