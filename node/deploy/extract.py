@@ -1,13 +1,12 @@
 """Safe streaming extraction of a tar or tar.gz payload into a fresh release directory.
 
-The archive is parsed here rather than by :mod:`tarfile`'s extraction code, so that every
-rule of SPEC §7 is enforced before a byte reaches the disk: regular files and directories
-only; no absolute paths, ``..``, control characters, over-long paths or duplicate names;
-bounded member count, total size and decompression ratio. Only the 512-byte header decoding
-is borrowed (:meth:`tarfile.TarInfo.frombuf`). Files are created with
-``O_CREAT|O_EXCL|O_NOFOLLOW`` relative to directory descriptors opened with ``O_NOFOLLOW``,
-inside a private temp directory that is published with one rename, so a failure at any
-point leaves nothing at the destination.
+The archive is read by :mod:`node.deploy.tarstream` rather than by :mod:`tarfile`'s
+extraction code, so that every rule of SPEC §7 is enforced here before a byte reaches the
+disk: regular files and directories only; no absolute paths, ``..``, control characters,
+over-long paths or duplicate names; bounded member count, total size and decompression
+ratio. Files are created with ``O_CREAT|O_EXCL|O_NOFOLLOW`` relative to directory
+descriptors opened with ``O_NOFOLLOW``, inside a private temp directory that is published
+with one rename, so a failure at any point leaves nothing at the destination.
 """
 
 from __future__ import annotations
@@ -18,37 +17,28 @@ import shutil
 import stat
 import tarfile
 import tempfile
-import zlib
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
-from node.errors import DeployFailed
+from node.deploy.tarstream import (
+    BLOCK_SIZE,
+    TarStream,
+    bad_payload,
+    open_stream,
+    read_headers,
+    unsafe_payload,
+)
 from storage.durable import fsync_path
 from storage.faults import NO_FAULTS, Faults
 
 __all__ = ["ExtractLimits", "ExtractResult", "extract_release", "sweep_temp"]
 
-_CHUNK = 1 << 20  # decompressed bytes handed out per step
-_INPUT_CHUNK = 256 << 10  # compressed bytes read per step; zlib copies the unconsumed tail
-_BLOCK = 512
-_ZERO_BLOCK = bytes(_BLOCK)
-_MAX_EXT_HEADER = 1 << 20  # pax / GNU long-name headers are read into memory
 _NAME_MAX = 255
 _DIR_CACHE = 16
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _FILE_TYPES = frozenset({tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE})
-_EXT_TYPES = frozenset(
-    {
-        tarfile.GNUTYPE_LONGNAME,
-        tarfile.GNUTYPE_LONGLINK,
-        tarfile.XHDTYPE,
-        tarfile.XGLTYPE,
-        tarfile.SOLARIS_XHDTYPE,
-    }
-)
 _TYPE_NAMES = {
     tarfile.LNKTYPE: "hard link",
     tarfile.SYMTYPE: "symbolic link",
@@ -80,164 +70,28 @@ class ExtractResult:
     flattened: bool
 
 
-def _unsafe(message: str) -> DeployFailed:
-    return DeployFailed(message, code="unsafe_payload", phase="extract")
-
-
-def _bad(message: str) -> DeployFailed:
-    return DeployFailed(message, code="bad_payload", phase="extract")
-
-
 def _show(name: str, limit: int = 200) -> str:
     """A member name for a message: escaped, and bounded (a pax path can be huge)."""
     text = repr(name)
     return text if len(text) <= limit else f"{text[:limit]}..."
 
 
-class _Source:
-    """The decompressed tar stream, with the decompression-bomb guard applied per chunk."""
-
-    def __init__(self, f: BinaryIO, limits: ExtractLimits) -> None:
-        self._f = f
-        self._limits = limits
-        self._buf = b""
-        self._pos = 0
-        self.produced = 0
-        self.where = "archive header"  # names the member in a ratio error
-
-    def consumed(self) -> int:
-        """Compressed bytes consumed so far."""
-        return self.produced
-
-    def _next_chunk(self) -> bytes:
-        return self._f.read(_CHUNK)
-
-    def _fill(self) -> bool:
-        chunk = self._next_chunk()
-        if not chunk:
-            return False
-        self.produced += len(chunk)
-        lim = self._limits
-        # Checked before the chunk is handed out, so nothing past the limit is written.
-        if self.produced > lim.ratio_floor_bytes and self.produced > lim.max_ratio * max(
-            self.consumed(), 1
-        ):
-            raise _unsafe(
-                f"decompression ratio exceeds {lim.max_ratio:g} at {self.where}"
-                " (decompression bomb?)"
-            )
-        self._buf, self._pos = chunk, 0
-        return True
-
-    def _views(self, n: int, strict: bool = True) -> Iterator[memoryview]:
-        """The next ``n`` bytes, as views into the current chunks."""
-        while n > 0:
-            if self._pos == len(self._buf) and not self._fill():
-                if strict:
-                    raise _bad(f"archive is truncated in {self.where}")
-                return
-            take = min(len(self._buf) - self._pos, n)
-            yield memoryview(self._buf)[self._pos : self._pos + take]
-            self._pos += take
-            n -= take
-
-    def read(self, n: int) -> bytes:
-        """Up to ``n`` bytes; fewer only at the end of the stream."""
-        return b"".join(self._views(n, strict=False))
-
-    def copy_to(self, fd: int, n: int) -> None:
-        """Write exactly the next ``n`` bytes to ``fd``."""
-        for view in self._views(n):
-            while view:
-                view = view[os.write(fd, view) :]
-
-    def skip(self, n: int) -> None:
-        for _ in self._views(n):
-            pass
-
-    def drain(self) -> None:
-        """Read to the end, so gzip truncation and CRC errors after the tar end are seen."""
-        self._buf, self._pos = b"", 0
-        self.where = "data after the end of the archive"
-        while self._fill():
-            pass
-
-
-class _GzipSource(_Source):
-    def __init__(self, f: BinaryIO, limits: ExtractLimits) -> None:
-        super().__init__(f, limits)
-        self._d = zlib.decompressobj(wbits=31)
-        self._tail = b""  # compressed input read but not yet consumed
-        self._read_in = 0
-        self._eof = False
-
-    def consumed(self) -> int:
-        return self._read_in - len(self._tail)
-
-    def _input(self) -> bytes:
-        data = self._f.read(_INPUT_CHUNK)
-        self._read_in += len(data)
-        return data
-
-    def _next_chunk(self) -> bytes:
-        while not self._eof:
-            if self._d.eof:
-                # Another gzip member may follow (pigz, cat a.gz b.gz); zero padding is allowed.
-                self._tail = self._tail.lstrip(b"\0")
-                if not self._tail:
-                    self._tail = self._input()
-                    self._eof = not self._tail
-                    continue
-                self._d = zlib.decompressobj(wbits=31)
-            if not self._tail:
-                self._tail = self._input()
-                if not self._tail:
-                    raise _bad("gzip data is truncated")
-            try:
-                out = self._d.decompress(self._tail, _CHUNK)
-            except zlib.error as e:
-                raise _bad(f"gzip data is corrupt: {e}") from e
-            self._tail = self._d.unused_data if self._d.eof else self._d.unconsumed_tail
-            if out:
-                return out
-        return b""
-
-
 def _member_parts(name: str, limits: ExtractLimits) -> tuple[str, ...]:
     """Normalise a member name to path components (``()`` is the root), or refuse it."""
     if not name:
-        raise _unsafe("member with an empty name")
+        raise unsafe_payload("member with an empty name")
     if _CONTROL.search(name):
-        raise _unsafe(f"member {_show(name)}: control character in name")
+        raise unsafe_payload(f"member {_show(name)}: control character in name")
     if len(name.encode("utf-8", "surrogateescape")) > limits.max_path_len:
-        raise _unsafe(f"member {_show(name)}: path longer than {limits.max_path_len}")
+        raise unsafe_payload(f"member {_show(name)}: path longer than {limits.max_path_len}")
     if name.startswith("/"):
-        raise _unsafe(f"member {_show(name)}: absolute path")
+        raise unsafe_payload(f"member {_show(name)}: absolute path")
     parts = tuple(p for p in name.split("/") if p not in ("", "."))
     if ".." in parts:
-        raise _unsafe(f"member {_show(name)}: '..' in path")
+        raise unsafe_payload(f"member {_show(name)}: '..' in path")
     if any(len(p.encode("utf-8", "surrogateescape")) > _NAME_MAX for p in parts):
-        raise _unsafe(f"member {_show(name)}: path component longer than {_NAME_MAX} bytes")
+        raise unsafe_payload(f"member {_show(name)}: path component longer than {_NAME_MAX} bytes")
     return parts
-
-
-def _parse_pax(data: bytes, where: str) -> dict[str, str]:
-    """Parse pax records (``"<len> <key>=<value>\\n"``)."""
-    records: dict[str, str] = {}
-    pos = 0
-    while pos < len(data) and data[pos] != 0:
-        space = data.find(b" ", pos, pos + 21)
-        digits = data[pos:space] if space > pos else b""
-        length = int(digits) if digits.isdigit() else 0
-        end = pos + length
-        if length <= len(digits) + 1 or end > len(data) or data[end - 1] != 0x0A:
-            raise _bad(f"malformed pax header in {where}")
-        key, eq, value = data[space + 1 : end - 1].partition(b"=")
-        if not eq:
-            raise _bad(f"malformed pax record in {where}")
-        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
-        pos = end
-    return records
 
 
 class _Tree:
@@ -276,7 +130,7 @@ class _Tree:
         except FileNotFoundError:
             pass
         except (NotADirectoryError, OSError) as e:
-            raise _unsafe(f"member {_show(member)}: {_show(name)} is not a directory") from e
+            raise unsafe_payload(f"member {_show(member)}: {_show(name)} is not a directory") from e
         os.mkdir(name, 0o700, dir_fd=parent)
         fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
         os.fchmod(fd, 0o755)  # explicit, so the result does not depend on the umask
@@ -288,19 +142,13 @@ class _Tree:
         try:
             return os.open(parts[-1], _FILE_FLAGS, 0o600, dir_fd=parent)
         except FileExistsError as e:
-            raise _unsafe(f"member {_show(member)}: a directory with this name exists") from e
-
-
-def _open_source(f: BinaryIO, limits: ExtractLimits) -> _Source:
-    magic = f.read(2)
-    f.seek(0)
-    if not magic:
-        raise _bad("payload is empty")
-    return _GzipSource(f, limits) if magic == b"\x1f\x8b" else _Source(f, limits)
+            raise unsafe_payload(
+                f"member {_show(member)}: a directory with this name exists"
+            ) from e
 
 
 class _Extractor:
-    def __init__(self, src: _Source, tree: _Tree, limits: ExtractLimits, faults: Faults) -> None:
+    def __init__(self, src: TarStream, tree: _Tree, limits: ExtractLimits, faults: Faults) -> None:
         self.src, self.tree, self.limits, self.faults = src, tree, limits, faults
         self.members = 0
         self.files = 0
@@ -309,79 +157,40 @@ class _Extractor:
         self.roots: set[str] = set()
 
     def run(self) -> None:
-        src = self.src
-        pax: dict[str, str] = {}
-        long_name: str | None = None
-        first = True
-        while True:
-            src.where = f"header after member {self.members}"
-            block = src.read(_BLOCK)
-            if len(block) < _BLOCK:
-                if first:
-                    raise _bad("payload is not a tar or tar.gz archive")
-                raise _bad("archive is truncated (no end-of-archive marker)")
-            if block == _ZERO_BLOCK:
-                if pax or long_name is not None:
-                    raise _bad("archive ends after an extended header")
-                return
-            try:
-                info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
-            except tarfile.HeaderError as e:
-                if first:
-                    raise _bad("payload is not a tar or tar.gz archive") from e
-                raise _bad(f"invalid tar header after member {self.members}: {e}") from e
-            first = False
-            if info.size < 0:  # base-256 sizes can be negative; it would undercount bytes
-                raise _bad(f"negative size in tar header after member {self.members}")
-            if info.type in _EXT_TYPES:
-                if info.size > _MAX_EXT_HEADER:
-                    raise _unsafe(f"extended header of {info.size} bytes is too large")
-                data = src.read(info.size)
-                if len(data) < info.size:
-                    raise _bad("archive is truncated in an extended header")
-                src.skip(-info.size % _BLOCK)
-                if info.type == tarfile.GNUTYPE_LONGNAME:
-                    long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
-                elif info.type != tarfile.GNUTYPE_LONGLINK:
-                    records = _parse_pax(data, src.where)
-                    if any(k.startswith("GNU.sparse.") for k in records):
-                        raise _unsafe("sparse files are not supported")
-                    if info.type != tarfile.XGLTYPE:  # global records carry nothing we use
-                        pax.update(records)
-                continue
-            name = pax.get("path", long_name if long_name is not None else info.name)
-            self._member(info, name, pax)
-            pax, long_name = {}, None
+        for header in read_headers(self.src):
+            self._member(header.info, header.name, header.pax)
 
-    def _member(self, info: tarfile.TarInfo, name: str, pax: dict[str, str]) -> None:
+    def _member(self, info: tarfile.TarInfo, name: str, pax: Mapping[str, str]) -> None:
         self.members += 1
         self.src.where = f"member {_show(name)}"
         if self.members > self.limits.max_members:
-            raise _unsafe(f"member {_show(name)}: more than {self.limits.max_members} members")
+            raise unsafe_payload(
+                f"member {_show(name)}: more than {self.limits.max_members} members"
+            )
         kind = info.type
         if kind == tarfile.AREGTYPE and name.endswith("/"):
             kind = tarfile.DIRTYPE
         if kind != tarfile.DIRTYPE and kind not in _FILE_TYPES:
             what = _TYPE_NAMES.get(kind, f"member type {kind!r}")
-            raise _unsafe(f"member {_show(name)}: {what} is not allowed")
+            raise unsafe_payload(f"member {_show(name)}: {what} is not allowed")
         if kind != tarfile.DIRTYPE and name.endswith("/"):
-            raise _unsafe(f"member {_show(name)}: file name ends with '/'")
+            raise unsafe_payload(f"member {_show(name)}: file name ends with '/'")
         parts = _member_parts(name, self.limits)
         if parts in self.seen:
-            raise _unsafe(f"member {_show(name)}: duplicate name")
+            raise unsafe_payload(f"member {_show(name)}: duplicate name")
         self.seen.add(parts)
         size = info.size
         if "size" in pax:
             if not pax["size"].isdigit():
-                raise _bad(f"member {_show(name)}: malformed pax size")
+                raise bad_payload(f"member {_show(name)}: malformed pax size")
             size = int(pax["size"])
         if kind == tarfile.DIRTYPE:
             if size:
-                raise _unsafe(f"member {_show(name)}: directory with data")
+                raise unsafe_payload(f"member {_show(name)}: directory with data")
             if parts:
                 self.tree.dir_fd(parts, name)
         elif not parts:
-            raise _unsafe(f"member {_show(name)}: the archive root is not a directory")
+            raise unsafe_payload(f"member {_show(name)}: the archive root is not a directory")
         else:
             self._file(parts, name, size, info, pax)
         if parts:
@@ -394,16 +203,16 @@ class _Extractor:
         name: str,
         size: int,
         info: tarfile.TarInfo,
-        pax: dict[str, str],
+        pax: Mapping[str, str],
     ) -> None:
         if self.bytes + size > self.limits.max_total_bytes:
-            raise _unsafe(
+            raise unsafe_payload(
                 f"member {_show(name)}: extracted size exceeds {self.limits.max_total_bytes} bytes"
             )
         fd = self.tree.create_file(parts, name)
         try:
             self.src.copy_to(fd, size)
-            self.src.skip(-size % _BLOCK)
+            self.src.skip(-size % BLOCK_SIZE)
             os.fchmod(fd, 0o755 if info.mode & 0o111 else 0o644)
             try:
                 mtime = float(pax["mtime"]) if "mtime" in pax else float(info.mtime)
@@ -450,7 +259,7 @@ def extract_release(
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
     try:
         with open(blob_path, "rb", buffering=0) as f:
-            src = _open_source(f, limits)
+            src = open_stream(f, limits.max_ratio, limits.ratio_floor_bytes)
             tree = _Tree(tmp)
             try:
                 ex = _Extractor(src, tree, limits, faults)

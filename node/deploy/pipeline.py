@@ -14,9 +14,10 @@ from pathlib import Path
 
 import structlog
 
+from node.deploy.component_config import HookSpec, load_component_config
 from node.deploy.context import DeployContext
 from node.deploy.extract import extract_release
-from node.deploy.hooks import HookSpec, OutputTail, load_component_config, run_hook
+from node.deploy.hooks import OutputTail, run_hook
 from node.errors import DeployFailed
 from storage.errors import BlobCorrupt, BlobMissing, StorageError
 from storage.records import Deployment, NodeStatus

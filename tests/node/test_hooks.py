@@ -10,15 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from node.deploy.hooks import (
-    ComponentConfig,
-    HookSpec,
-    OutputTail,
-    RunSpec,
-    _LineSplitter,
-    load_component_config,
-    run_hook,
-)
+from node.deploy.component_config import ComponentConfig, HookSpec, RunSpec, load_component_config
+from node.deploy.hooks import OutputTail, _LineSplitter, run_hook
 from node.errors import DeployFailed
 
 
