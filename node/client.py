@@ -7,15 +7,10 @@ byte-progress callback), and Server-Sent Events read with
 framing with no I/O in it.
 :meth:`Client.follow` tails a deployment and resumes with ``Last-Event-ID`` after a
 dropped connection; :meth:`Client.deploy` falls back to it when the deploy's own stream
-breaks off once the deployment id is known.
+breaks off once the deployment id is known (the logic of both is in
+:mod:`node.client_stream`).
 
-aiohttp's exceptions are translated once, here, into this tree::
-
-    ClientError
-    ├── ConnectError   the target could not be reached (refused, DNS, TLS, timeout)
-    ├── AuthError      401: missing or wrong credentials
-    ├── ApiError       any other error answer: HTTP status plus the error body
-    └── StreamError    an event stream broke off and could not be resumed
+aiohttp's exceptions are translated once, here, into the tree of :mod:`node.client_errors`.
 """
 
 from __future__ import annotations
@@ -26,7 +21,6 @@ import hashlib
 import json
 import os
 import ssl
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,90 +28,13 @@ from typing import IO, Any
 
 import aiohttp
 
+from node.client_errors import ApiError, AuthError, ConnectError, StreamError
+from node.client_stream import StreamEvent, decode_event, deploy_events, follow_events
 from node.sse_parser import SseComment, SseMessage, SseParser
 
-__all__ = [
-    "ApiError",
-    "AuthError",
-    "Client",
-    "ClientError",
-    "ConnectError",
-    "Download",
-    "SseComment",
-    "SseMessage",
-    "SseParser",
-    "StreamError",
-    "StreamEvent",
-    "Upload",
-    "deploy_result_from_record",
-]
+__all__ = ["Client", "Download", "SseComment", "SseMessage", "SseParser", "Upload"]
 
 _CHUNK = 256 * 1024
-
-
-class ClientError(Exception):
-    """Base of every error this client raises."""
-
-
-class ConnectError(ClientError):
-    """The target could not be reached."""
-
-
-class ApiError(ClientError):
-    """The node answered with an error.
-
-    Attributes:
-        status: the HTTP status.
-        body: the JSON error body (``{"error", "code", ...}``), or a synthetic one.
-    """
-
-    def __init__(self, status: int, body: dict[str, Any]) -> None:
-        self.status = status
-        self.body = body
-        super().__init__(self.describe())
-
-    @property
-    def code(self) -> str:
-        return str(self.body.get("code", "error"))
-
-    def describe(self) -> str:
-        """One line: the message and its code."""
-        return f"{self.body.get('error', 'request failed')} [{self.code}]"
-
-
-class AuthError(ApiError):
-    """401: no credentials, or wrong ones."""
-
-
-class StreamError(ClientError):
-    """An event stream ended without its terminal event and could not be resumed."""
-
-
-@dataclass(frozen=True, slots=True)
-class StreamEvent:
-    """A message of a deployment stream with its JSON data decoded.
-
-    ``seq`` is the event's ``id:``: None for the stream's own ``reset``, ``done`` and
-    ``error``. A deploy also logs events named ``error`` (with a seq); only one without
-    a seq ends the stream.
-    """
-
-    event: str
-    data: Any
-    seq: int | None = None
-
-    @property
-    def terminal(self) -> bool:
-        return self.seq is None and self.event in ("done", "error")
-
-
-def _decode_event(msg: SseMessage) -> StreamEvent:
-    try:
-        data = json.loads(msg.data)
-    except ValueError:
-        raise StreamError(f"event {msg.event!r} carries data that is not JSON") from None
-    seq = int(msg.id) if msg.id is not None and msg.id.isdigit() else None
-    return StreamEvent(msg.event, data, seq)
 
 
 # -- uploads and downloads ----------------------------------------------------------------
@@ -166,35 +83,6 @@ class Download:
     sha256: str
     expected_sha256: str | None
     filename: str | None
-
-
-def deploy_result_from_record(record: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
-    """Shape a terminal deployment record like ``deploy_component``'s own answer.
-
-    Used when the deploy's stream broke off and the end was read from
-    ``get_deployment`` instead.
-
-    Returns:
-        ``(succeeded, body)``: the success body, or an error body with
-        ``deployment_id``, ``phase`` and ``failed_nodes``.
-    """
-    did = record.get("deployment_id")
-    results = record.get("peer_results") or []
-    if record.get("status") == "success":
-        verb = "dropped" if record.get("kind") == "drop" else "deployed"
-        return True, {
-            "message": f"Successfully {verb}: {record.get('project')}",
-            "deployment_id": did,
-            "peer_results": results,
-        }
-    err = record.get("error") or {}
-    return False, {
-        "error": err.get("message", f"deploy ended {record.get('status')}"),
-        "code": err.get("code", str(record.get("status"))),
-        "deployment_id": did,
-        "phase": err.get("phase", record.get("phase")),
-        "failed_nodes": [r["node"] for r in results if r.get("status") == "failed"],
-    }
 
 
 # -- the client ---------------------------------------------------------------------------
@@ -339,11 +227,11 @@ class Client:
                             if comments:
                                 yield item
                         else:
-                            yield _decode_event(item)
+                            yield decode_event(item)
             except (aiohttp.ClientError, TimeoutError, OSError) as e:
                 raise StreamError(f"the event stream broke off: {_reason(e)}") from e
 
-    async def follow(
+    def follow(
         self,
         deployment_id: str,
         *,
@@ -352,10 +240,7 @@ class Client:
     ) -> AsyncIterator[StreamEvent]:
         """Tail a deployment until its ``done`` or ``error``, resuming after drops.
 
-        A dropped connection (or one that closed without a terminal event) is reopened
-        with ``Last-Event-ID`` set to the last seq seen; events are de-duplicated by seq,
-        so the caller sees each at most once. ``reset`` is passed on (the events between
-        the resume point and the stored tail were dropped by retention).
+        See :func:`node.client_stream.follow_events`: events are seen at most once.
 
         Args:
             after: start after this seq (None replays the whole stored log).
@@ -365,72 +250,28 @@ class Client:
             AuthError, ApiError: the node refused the request (also on a reconnect).
             StreamError: no connection could be re-established in time.
         """
-        last = after
-        backoff = 0.1
-        down_since: float | None = None
-        connected = False
-        while True:
-            try:
-                async for item in self.stream(
-                    "get_deployment", deployment_id=deployment_id, last_event_id=last
-                ):
-                    connected, down_since, backoff = True, None, 0.1
-                    assert isinstance(item, StreamEvent)
-                    if item.seq is not None:
-                        if last is not None and item.seq <= last:
-                            continue
-                        last = item.seq
-                    yield item
-                    if item.terminal:
-                        return
-            except (StreamError, ConnectError) as e:
-                if not connected:
-                    raise  # never reached it: nothing to resume
-                reason: Exception = e
-            else:
-                reason = StreamError("the event stream closed before its end")
-            now = time.monotonic()
-            down_since = down_since or now
-            if now - down_since > resume_for_s:
-                raise StreamError(f"{reason}; gave up resuming after {resume_for_s:.0f} s")
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
 
-    async def deploy(
+        def open_stream(last: int | None) -> AsyncIterator[StreamEvent | SseComment]:
+            return self.stream("get_deployment", deployment_id=deployment_id, last_event_id=last)
+
+        return follow_events(open_stream, after=after, resume_for_s=resume_for_s)
+
+    def deploy(
         self, fields: dict[str, Any], *, upload: Upload | None = None
     ) -> AsyncIterator[StreamEvent]:
         """``deploy_component`` as a stream of events ending in ``done`` or ``error``.
 
         If the stream breaks off once the deployment id is known, the rest is read with
-        :meth:`follow`; its ``done`` (a record) is reshaped as the deploy's own answer,
-        or as an ``error`` when the deploy failed.
+        :meth:`follow` (see :func:`node.client_stream.deploy_events`).
 
         Raises:
             ConnectError, AuthError, ApiError: before the deploy was accepted.
             StreamError: the stream broke off before the deployment id was known.
         """
-        deployment_id: str | None = None
-        last: int | None = None
-        try:
-            async for item in self.stream("deploy_component", upload=upload, **fields):
-                assert isinstance(item, StreamEvent)
-                if item.event == "deployment" and isinstance(item.data, dict):
-                    deployment_id = item.data.get("deployment_id")
-                last = item.seq if item.seq is not None else last
-                yield item
-                if item.terminal:
-                    return
-        except StreamError:
-            if deployment_id is None:
-                raise
-        if deployment_id is None:
-            raise StreamError("the deploy's event stream closed before its end")
-        async for item in self.follow(deployment_id, after=last):
-            if item.event == "done":
-                ok, body = deploy_result_from_record(item.data.get("result") or {})
-                yield StreamEvent("done", {"result": body}) if ok else StreamEvent("error", body)
-                return
-            yield item
+        return deploy_events(
+            self.stream("deploy_component", upload=upload, **fields),
+            lambda deployment_id, last: self.follow(deployment_id, after=last),
+        )
 
     async def download(self, deployment_id: str, out: IO[bytes]) -> Download:
         """Stream a deployment's payload into ``out`` while hashing it.

@@ -126,7 +126,7 @@ connection_options_auth_user = _connection("--auth-user")
 
 def run(main: Callable[[], Coroutine[Any, Any, int]]) -> NoReturn:
     """Run a command's coroutine; turn client errors into one line and an exit code."""
-    from node.client import ApiError, AuthError, ConnectError, StreamError
+    from node.client_errors import ApiError, AuthError, ConnectError, StreamError
 
     try:
         code = asyncio.run(main())

@@ -22,7 +22,7 @@ from node.client_cli import Conn, connection_options, human_stream, print_json, 
 from node.client_render import ProgressBar, format_size, render_event, summary_line
 
 if TYPE_CHECKING:  # the client imports aiohttp: loaded when a command runs, not at start
-    from node.client import StreamEvent
+    from node.client_stream import StreamEvent
 
 __all__ = ["deploy", "rollback", "tail"]
 
@@ -86,7 +86,7 @@ async def _watch(events: Any, render: _Renderer, as_json: bool, *, record: bool)
     Args:
         record: the ``done`` result is a deployment record (``tail``), not a deploy answer.
     """
-    from node.client import deploy_result_from_record
+    from node.client_stream import deploy_result_from_record
 
     async for ev in events:
         if not ev.terminal:

@@ -6,40 +6,48 @@ Layout under ``root``: ``sha256/<2 hex>/<hash>`` stored blobs, immutable;
 A blob appears only by ``os.replace`` of a written and fsynced file, then an fsync of its
 directory, so a crash never leaves a named blob holding the wrong bytes. File I/O and
 hashing run in worker threads, and each thread call is waited for even when the caller
-is cancelled, so cleanup never races a thread still using a descriptor or temp file.
+is cancelled, so cleanup never races a thread still using a descriptor or temp file
+(:mod:`storage.blob_io`). Resumable fetches into ``partial/`` are
+:mod:`storage.partials`, which :class:`BlobStore`'s ``*_partial`` methods delegate to.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import os
 import re
 import shutil
 import tempfile
-import weakref
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
 
+from storage.blob_io import (
+    HASH_RE,
+    await_thread,
+    check_hash,
+    ensure_dir,
+    hash_file,
+    in_thread,
+    listdir,
+    settle,
+    submit,
+    write_all,
+)
 from storage.durable import fsync_path
-from storage.errors import BlobCorrupt, BlobMissing, BlobTooLarge, StorageError
+from storage.errors import BlobCorrupt, BlobMissing, BlobTooLarge
 from storage.faults import NO_FAULTS, Faults
+from storage.partials import PartialFetches
 
 __all__ = ["BlobInfo", "BlobStore"]
 
-T = TypeVar("T")
-
-_HASH_RE = re.compile(r"[0-9a-f]{64}")
 _PREFIX_RE = re.compile(r"[0-9a-f]{2}")
 # Ingest hands threads this much at a time: per-call overhead vanishes and hashlib drops
 # the GIL, while memory stays at two batches. 1-8 MiB measured alike; 4 MiB copes best
 # with small chunks.
 _BATCH_BYTES = 4 << 20
-_IOV_MAX = 1024  # Linux limit on buffers per writev call
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,73 +56,6 @@ class BlobInfo:
 
     hash: str
     size: int
-
-
-def _check_hash(hash: str) -> str:
-    if not isinstance(hash, str) or not _HASH_RE.fullmatch(hash):
-        raise ValueError(f"not a sha256 hex digest: {hash!r}")
-    return hash
-
-
-def _ensure_dir(path: Path) -> None:
-    """Create ``path`` and missing parents, fsyncing each parent that gained an entry."""
-    if not path.is_dir():
-        _ensure_dir(path.parent)
-        path.mkdir(exist_ok=True)  # a concurrent caller may have made it meanwhile
-        fsync_path(path.parent)
-
-
-def _write_all(fd: int, bufs: list[bytes]) -> None:
-    for i in range(0, len(bufs), _IOV_MAX):
-        group = bufs[i : i + _IOV_MAX]
-        done = os.writev(fd, group)
-        # Short writes are rare on regular files but must not lose bytes.
-        for buf in group:
-            view, done = memoryview(buf)[done:], max(0, done - len(buf))
-            while view:
-                view = view[os.write(fd, view) :]
-
-
-def _hash_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _submit(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-    return asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
-
-
-async def _settle(*futs: asyncio.Future[Any]) -> None:
-    """Wait for thread calls to end, even through further cancellations, then re-raise one."""
-    cancelled = False
-    while not all(f.done() for f in futs):
-        try:
-            await asyncio.wait(futs)  # unlike a bare await, never cancels them
-        except asyncio.CancelledError:
-            cancelled = True
-    for f in futs:
-        if not f.cancelled():
-            f.exception()  # mark retrieved: the error already unwinding is the one to report
-    if cancelled:
-        raise asyncio.CancelledError
-
-
-async def _await(fut: asyncio.Future[T]) -> T:
-    """Await a thread call; if cancelled, wait for the thread to finish before re-raising.
-
-    A cancelled ``asyncio.to_thread`` returns at once while its thread keeps running, and
-    the caller's cleanup (closing a descriptor, unlinking a temp file) would race it.
-    OS errors from the store's files enter here and leave as :class:`StorageError`.
-    """
-    await _settle(fut)
-    try:
-        return fut.result()
-    except OSError as e:
-        raise StorageError(f"blob store I/O failed: {e}") from e
-
-
-async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
-    return await _await(_submit(fn, *args))
 
 
 class _Sink:
@@ -135,23 +76,23 @@ class _Sink:
 
     async def feed(self, batch: list[bytes]) -> None:
         await self._drain()
-        self._pending = [_submit(self._hash, batch), _submit(self._write, batch)]
+        self._pending = [submit(self._hash, batch), submit(self._write, batch)]
 
     async def seal(self) -> str:
         """Write what is in flight, fsync and close; return the sha256 hex digest."""
         await self._drain()
-        await _in_thread(self._close)
+        await in_thread(self._close)
         return self.hasher.hexdigest()
 
     async def abort(self) -> None:
         try:
-            await _settle(*self._pending)
+            await settle(*self._pending)
         finally:
             self.discard()
 
     async def _drain(self) -> None:
         for fut in self._pending:
-            await _await(fut)
+            await await_thread(fut)
         self._pending = []
 
     def _hash(self, batch: list[bytes]) -> None:
@@ -160,10 +101,10 @@ class _Sink:
 
     def _write(self, batch: list[bytes]) -> None:
         if self.fd < 0:  # created inside a thread call, so a cancel never orphans it
-            _ensure_dir(self._dir)
+            ensure_dir(self._dir)
             self.fd, name = tempfile.mkstemp(dir=self._dir, prefix="ingest-", suffix=".tmp")
             self.path = Path(name)
-        _write_all(self.fd, batch)
+        write_all(self.fd, batch)
 
     def _close(self) -> None:
         self._write([])
@@ -201,14 +142,11 @@ class BlobStore:
         self._chunk_bytes = chunk_bytes
         self._blobs = self.root / "sha256"
         self._tmp = self.root / "tmp"
-        self._partial = self.root / "partial"
-        # One lock per partial makes "check length, append" one step; an entry goes away
-        # once no transfer of that hash holds it.
-        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._partials = PartialFetches(self.root / "partial", self.path, faults)
 
     def path(self, hash: str) -> Path:
         """Where blob ``hash`` lives, present or not."""
-        return self._blobs / _check_hash(hash)[:2] / hash
+        return self._blobs / check_hash(hash)[:2] / hash
 
     def has(self, hash: str) -> bool:
         """Whether the blob is stored here."""
@@ -263,7 +201,7 @@ class BlobStore:
                     batch, batched = [], 0
             await sink.feed(batch)
             info = BlobInfo(await sink.seal(), size)
-            await _in_thread(self._install, sink, info)
+            await in_thread(self._install, sink, info)
             return info
         except BaseException:
             await sink.abort()
@@ -287,7 +225,7 @@ class BlobStore:
 
     async def _fd_chunks(self, fd: int) -> AsyncGenerator[bytes, None]:
         # Whole batches: one thread hop per batch measured ~15% faster than 1 MiB reads.
-        while data := await _in_thread(os.read, fd, _BATCH_BYTES):
+        while data := await in_thread(os.read, fd, _BATCH_BYTES):
             yield data
 
     def _install(self, sink: _Sink, info: BlobInfo) -> None:
@@ -302,7 +240,7 @@ class BlobStore:
                 return
         except FileNotFoundError:
             pass
-        _ensure_dir(dest.parent)
+        ensure_dir(dest.parent)
         self._faults.hit("blob.before_rename")
         os.replace(sink.path, dest)
         fsync_path(dest.parent)
@@ -330,7 +268,7 @@ class BlobStore:
             size = os.fstat(fd).st_size
             stop = size if end is None else min(end, size)
             while start < stop:
-                data = await _in_thread(os.pread, fd, min(self._chunk_bytes, stop - start), start)
+                data = await in_thread(os.pread, fd, min(self._chunk_bytes, stop - start), start)
                 if not data:
                     raise BlobCorrupt(f"{hash} shrank while being read")
                 start += len(data)
@@ -340,18 +278,18 @@ class BlobStore:
 
     async def verify(self, hash: str) -> bool:
         """Re-hash the stored blob in a thread; True if it matches. BlobMissing if absent."""
-        return await _in_thread(self._verify, self.path(hash), hash)
+        return await in_thread(self._verify, self.path(hash), hash)
 
     @staticmethod
     def _verify(path: Path, hash: str) -> bool:
         try:
-            return _hash_file(path) == hash
+            return hash_file(path) == hash
         except FileNotFoundError as e:
             raise BlobMissing(hash) from e
 
     async def delete(self, hash: str) -> int:
         """Remove a blob and fsync its directory; return bytes freed (0 if absent)."""
-        return await _in_thread(self._delete, self.path(hash))
+        return await in_thread(self._delete, self.path(hash))
 
     @staticmethod
     def _delete(path: Path) -> int:
@@ -365,15 +303,7 @@ class BlobStore:
 
     def partial_offset(self, hash: str) -> int:
         """Bytes already fetched into ``partial/<hash>`` (0 if none): where to resume."""
-        try:
-            return (self._partial / _check_hash(hash)).stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    def _lock(self, hash: str) -> asyncio.Lock:
-        if (lock := self._locks.get(hash)) is None:
-            lock = self._locks[hash] = asyncio.Lock()
-        return lock
+        return self._partials.offset(hash)
 
     async def append_partial(self, hash: str, offset: int, data: bytes) -> int:
         """Append ``data`` to the partial fetch of ``hash``; not fsynced (finish does).
@@ -387,21 +317,7 @@ class BlobStore:
         Raises:
             ValueError: ``offset`` is not the current length; nothing is written.
         """
-        path = self._partial / _check_hash(hash)
-        async with self._lock(hash):
-            return await _in_thread(self._append, path, offset, data)
-
-    @staticmethod
-    def _append(path: Path, offset: int, data: bytes) -> int:
-        _ensure_dir(path.parent)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            if offset != (length := os.fstat(fd).st_size):
-                raise ValueError(f"partial {path.name} is {length} bytes, not {offset}")
-            _write_all(fd, [data])
-            return length + len(data)
-        finally:
-            os.close(fd)
+        return await self._partials.append(hash, offset, data)
 
     async def finish_partial(self, hash: str, size: int) -> BlobInfo:
         """Check a completed fetch, fsync it and move it into the store.
@@ -413,33 +329,12 @@ class BlobStore:
             BlobCorrupt: size or sha256 differ; the partial is deleted.
             BlobMissing: there is no partial for ``hash`` (and ``size`` is not 0).
         """
-        path = self._partial / _check_hash(hash)
-        async with self._lock(hash):
-            return await _in_thread(self._finish, path, BlobInfo(hash, size))
-
-    def _finish(self, path: Path, info: BlobInfo) -> BlobInfo:
-        if info.size == 0 and not path.exists():
-            _ensure_dir(path.parent)
-            path.touch()  # an empty payload needs no append, so may have no partial
-        try:
-            found = path.stat().st_size
-        except FileNotFoundError as e:
-            raise BlobMissing(f"no partial fetch of {info.hash}") from e
-        # Size first: a wrong length is caught without reading the file.
-        if found != info.size or _hash_file(path) != info.hash:
-            path.unlink(missing_ok=True)
-            raise BlobCorrupt(f"fetched bytes do not match {info.hash} ({found} bytes)")
-        fsync_path(path)
-        dest = self.path(info.hash)
-        _ensure_dir(dest.parent)
-        self._faults.hit("blob.partial_before_rename")
-        os.replace(path, dest)
-        fsync_path(dest.parent)
-        return info
+        await self._partials.finish(hash, size)
+        return BlobInfo(hash, size)
 
     def drop_partial(self, hash: str) -> None:
         """Forget the partial fetch of ``hash``; idempotent."""
-        (self._partial / _check_hash(hash)).unlink(missing_ok=True)
+        self._partials.drop(hash)
 
     def sweep(self) -> list[Path]:
         """Remove what interrupted work left; call at start, before any ingest.
@@ -451,12 +346,12 @@ class BlobStore:
         Returns:
             The paths removed.
         """
-        removed = _listdir(self._tmp)
-        for prefix in _listdir(self._blobs):
+        removed = listdir(self._tmp)
+        for prefix in listdir(self._blobs):
             if not (_PREFIX_RE.fullmatch(prefix.name) and prefix.is_dir()):
                 removed.append(prefix)
         removed += [e for p, e in self._entries() if not self._is_blob(p, e)]
-        removed += [p for p in _listdir(self._partial) if not _HASH_RE.fullmatch(p.name)]
+        removed += self._partials.strays()
         for p in removed:
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)
@@ -466,17 +361,10 @@ class BlobStore:
 
     def _entries(self) -> list[tuple[Path, Path]]:
         """``(prefix dir, entry)`` for every entry of every well-named prefix dir."""
-        prefixes = [p for p in _listdir(self._blobs) if _PREFIX_RE.fullmatch(p.name)]
-        return [(p, e) for p in prefixes if p.is_dir() for e in _listdir(p)]
+        prefixes = [p for p in listdir(self._blobs) if _PREFIX_RE.fullmatch(p.name)]
+        return [(p, e) for p in prefixes if p.is_dir() for e in listdir(p)]
 
     @staticmethod
     def _is_blob(prefix: Path, entry: Path) -> bool:
         name = entry.name
-        return bool(_HASH_RE.fullmatch(name)) and name[:2] == prefix.name and entry.is_file()
-
-
-def _listdir(directory: Path) -> list[Path]:
-    try:
-        return sorted(directory.iterdir())
-    except FileNotFoundError:
-        return []
+        return bool(HASH_RE.fullmatch(name)) and name[:2] == prefix.name and entry.is_file()

@@ -27,7 +27,8 @@ from relay import Relay
 
 from node.app import create_app
 from node.appkeys import SERVICES
-from node.client import Client, StreamEvent, Upload
+from node.client import Client, Upload
+from node.client_stream import StreamEvent
 from node.deploy.recorder import Recorder
 from node.sse_parser import SseComment, SseMessage, SseParser
 from storage.store import DeploymentFilter, Store
