@@ -72,14 +72,21 @@ async def apply_changes(store: Store, peer: str, changes: Sequence[Change], curs
                 f"change {change.tbl}/{change.key} has version {change.version}, "
                 "too far ahead of this node's clock (or not a version)"
             )
+    rows = {
+        i: _validated(REPLICATED[c.tbl], c)
+        for i, c in enumerate(changes)
+        if c.tbl != ev.TABLE and _replicated(c)
+    }
     async with store.tx() as tx:
-        for change in changes:
+        writes = _RowWrites(tx)
+        await writes.prefetch([(REPLICATED[changes[i].tbl], row) for i, row in rows.items()])
+        for i, change in enumerate(changes):
             if change.tbl == ev.TABLE:
+                await writes.flush()  # keep this node's change log in batch order
                 applied += await _apply_events(tx, change)
-            elif change.tbl in REPLICATED:
-                applied += await _apply_row(store, tx, REPLICATED[change.tbl], change)
             else:
-                raise InvalidChange(f"table {change.tbl!r} is not replicated")
+                applied += writes.offer(REPLICATED[change.tbl], change, rows[i])
+        await writes.flush()
         await tx.conn.execute(
             "INSERT INTO peer_cursors (peer, seq, updated_at) VALUES (?, ?, ?) "
             "ON CONFLICT (peer) DO UPDATE SET seq = MAX(seq, excluded.seq), "
@@ -111,32 +118,84 @@ def _validated(spec: TableSpec, change: Change) -> dict[str, Any]:
     return row
 
 
-async def _apply_row(store: Store, tx: Tx, spec: TableSpec, change: Change) -> int:
-    row = _validated(spec, change)
-    current = await store.get_row(spec, [row[c] for c in spec.key_cols], tx)
-    if current is not None:
-        if (current["version"], current["origin"]) >= (change.version, change.origin):
-            return 0
-        if (
-            spec is DEPLOYMENTS
-            and DeploymentStatus(current["status"]) in TERMINAL
-            and row["status"] != current["status"]
-        ):
-            return 0
-    await tx.conn.execute(spec.upsert_sql(), spec.to_sql(row))
-    await tx.log(
-        spec.name,
-        change.key,
-        version=change.version,
-        origin=change.origin,
-        op="upsert",
-        data=row,
-        user=change.user,
-        t=change.t,
-    )
-    value = _BUILDERS[spec.name](row) if spec.name in _BUILDERS else None
-    tx.notify(Notice(spec.name, _notice_key(spec, row), (value,) if value else (), remote=True))
-    return 1
+def _replicated(change: Change) -> bool:
+    if change.tbl not in REPLICATED:
+        raise InvalidChange(f"table {change.tbl!r} is not replicated")
+    return True
+
+
+class _RowWrites:
+    """The row changes of one batch: decided in memory against one prefetch of what is
+    stored, then written with one ``executemany`` per table (a few statements per batch
+    instead of three per change)."""
+
+    def __init__(self, tx: Tx) -> None:
+        self.tx = tx
+        #: (table, key) → (version, origin, status) of the newest row known so far.
+        self.known: dict[tuple[str, str], tuple[int, str, str | None]] = {}
+        self.rows: dict[str, list[tuple[object, ...]]] = {}
+        self.specs: dict[str, TableSpec] = {}
+        self.logs: list[tuple[str, str, int, str, str, Any, str | None, int]] = []
+
+    async def prefetch(self, pending: list[tuple[TableSpec, dict[str, Any]]]) -> None:
+        by_table: dict[str, tuple[TableSpec, set[str]]] = {}
+        for spec, row in pending:
+            by_table.setdefault(spec.name, (spec, set()))[1].add(str(row[spec.key_cols[0]]))
+        for spec, firsts in by_table.values():
+            status = ", status" if spec is DEPLOYMENTS else ""
+            cols = ", ".join(spec.key_cols)
+            values = sorted(firsts)
+            for start in range(0, len(values), 500):
+                chunk = values[start : start + 500]
+                marks = ", ".join("?" for _ in chunk)
+                async with self.tx.conn.execute(
+                    f"SELECT {cols}, version, origin{status} FROM {spec.name} "
+                    f"WHERE {spec.key_cols[0]} IN ({marks})",
+                    chunk,
+                ) as cur:
+                    for r in await cur.fetchall():
+                        key = "/".join(str(r[c]) for c in spec.key_cols)
+                        self.known[(spec.name, key)] = (
+                            int(r["version"]), r["origin"], r["status"] if status else None,
+                        )  # fmt: skip
+
+    def offer(self, spec: TableSpec, change: Change, row: dict[str, Any]) -> int:
+        """Queue ``row`` if it is newer than what is known; returns 1 if queued."""
+        current = self.known.get((spec.name, change.key))
+        if current is not None:
+            version, origin, stored_status = current
+            if (version, origin) >= (change.version, change.origin):
+                return 0
+            terminal = stored_status is not None and DeploymentStatus(stored_status) in TERMINAL
+            if terminal and row["status"] != stored_status:
+                return 0
+        status = row["status"] if spec is DEPLOYMENTS else None
+        self.known[(spec.name, change.key)] = (change.version, change.origin, status)
+        self.specs[spec.name] = spec
+        self.rows.setdefault(spec.name, []).append(spec.to_sql(row))
+        self.logs.append(
+            (
+                spec.name,
+                change.key,
+                change.version,
+                change.origin,
+                "upsert",
+                row,
+                change.user,
+                change.t,
+            )
+        )
+        value = _BUILDERS[spec.name](row) if spec.name in _BUILDERS else None
+        self.tx.notify(
+            Notice(spec.name, _notice_key(spec, row), (value,) if value else (), remote=True)
+        )
+        return 1
+
+    async def flush(self) -> None:
+        for name, rows in self.rows.items():
+            await self.tx.conn.executemany(self.specs[name].upsert_sql(), rows)
+        await self.tx.log_many(self.logs)
+        self.rows, self.logs = {}, []
 
 
 def _notice_key(spec: TableSpec, row: dict[str, Any]) -> str:

@@ -164,5 +164,21 @@ class Tx:
         )
         self.logged += 1
 
+    async def log_many(
+        self, entries: list[tuple[str, str, int, str, str, Any, str | None, int]]
+    ) -> None:
+        """Append many entries ``(tbl, key, version, origin, op, data, user, t)`` in order."""
+        if not entries:
+            return
+        await self.conn.executemany(
+            "INSERT INTO changelog (tbl, key, version, origin, op, data, user, t) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (tbl, key, v, o, op, encode_data(data), user, t)
+                for tbl, key, v, o, op, data, user, t in entries
+            ],
+        )
+        self.logged += len(entries)
+
     def notify(self, notice: Notice) -> None:
         self.notices.append(notice)
