@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
 import tarfile
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +85,20 @@ class Api:
             payload=base64.b64encode(payload).decode(),
             **fields,
         )
+
+
+async def wait_until(
+    predicate: Callable[[], Awaitable[Any] | Any], *, timeout_s: float = 15.0, what: str = ""
+) -> Any:
+    """Re-check ``predicate`` (sync or async) until truthy and return its value; fail
+    after ``timeout_s``. Waiting on a condition with a deadline, never a bare sleep."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what or predicate}")
+        await asyncio.sleep(0.01)

@@ -21,7 +21,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from helpers import ADMIN, Api, basic, component, make_config
+from helpers import ADMIN, Api, basic, component, make_config, wait_until
 from procs import NodeProcess
 from relay import Relay
 
@@ -58,25 +58,6 @@ def noisy(first: int, *, gate: Path | None = None, then: int = 0, pause_every: i
 
 def store_of(api: Api) -> Store:
     return api.app[SERVICES].ctx.store
-
-
-async def wait_until(
-    predicate: Callable[[], Awaitable[object]] | Callable[[], object],
-    *,
-    timeout_s: float = 20.0,
-    what: str = "condition",
-) -> None:
-    """Poll ``predicate`` (sync or async) until true; fail after the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 class Stream:

@@ -7,14 +7,13 @@ loopback ports. Waiting is always on a condition with a deadline (:func:`wait_un
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from helpers import wait_until
 from procs import free_port
 
 from replication.channel import TlsTransport
@@ -44,22 +43,6 @@ _REPLICATED = {
     "roles": "role",
     "members": "name",
 }
-
-
-async def wait_until(
-    predicate: Callable[[], Awaitable[Any] | Any], *, timeout_s: float = 15.0, what: str = ""
-) -> Any:
-    """Re-check ``predicate`` (sync or async) until truthy; fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what or predicate}")
-        await asyncio.sleep(0.01)
 
 
 async def dump(store: Store) -> dict[str, list[dict[str, Any]]]:

@@ -24,15 +24,6 @@ MiB = 1 << 20
 SLOW = replace(FAST, chunk_bytes=64 << 10, chunk_credit=1)
 
 
-@pytest.fixture
-async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
-    m = Mesh(tmp_path)
-    try:
-        yield m
-    finally:
-        await m.close()
-
-
 async def put_blob(blobs: BlobStore, data: bytes) -> BlobInfo:
     async def chunks() -> AsyncIterator[bytes]:
         for i in range(0, len(data), MiB):

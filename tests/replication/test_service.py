@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +25,6 @@ from replication.sender import fit_batch
 from replication.session import Settings
 from storage.records import DeploymentStatus, NodeStatus
 from storage.store import Store
-
-
-@pytest.fixture
-async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
-    m = Mesh(tmp_path)
-    try:
-        yield m
-    finally:
-        await m.close()
 
 
 async def _write_some(store: Store, tag: str, users: int = 3) -> str:
