@@ -40,7 +40,6 @@ class Services:
     origin: Origin = field(init=False)
     reconciler: Reconciler = field(init=False)
     cluster_status: Callable[[], Awaitable[dict[str, Any]]] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 CONFIG: web.AppKey[Config] = web.AppKey("config")

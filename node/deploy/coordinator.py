@@ -21,7 +21,7 @@ from node.errors import DeployFailed
 from storage.records import Deployment, DeploymentStatus, NodeResult, NodeStatus, Notice
 from storage.tables import NODE_RESULTS
 
-__all__ = ["Coordinator", "fail", "peer_results", "wait_terminal"]
+__all__ = ["Coordinator", "fail", "peer_results"]
 
 log = structlog.get_logger(__name__)
 
@@ -297,14 +297,3 @@ def _failed_message(failed: list[str], results: dict[str, NodeResult]) -> str:
         err = results[node].error or {}
         parts.append(f"{node}: {err.get('message', 'failed')} ({err.get('code', 'failed')})")
     return "staging failed on " + "; ".join(parts)
-
-
-async def wait_terminal(ctx: DeployContext, deployment_id: str) -> Deployment:
-    """Wait until a deployment row is terminal (used by callers that did not run it)."""
-    with ctx.store.feed.subscribe(lambda n: n.key == deployment_id) as sub:
-        while True:
-            d = await ctx.store.get_deployment(deployment_id)
-            if d is None or d.terminal:
-                assert d is not None
-                return d
-            await sub.get(timeout_s=1.0)

@@ -58,10 +58,6 @@ class Reconciler:
         """Ask for a full rescan soon (after a reconnect, say)."""
         self._kick.set()
 
-    @property
-    def busy(self) -> int:
-        return len(self._running)
-
     async def run(self) -> None:
         """Run until cancelled: a full scan at start, then react to changes."""
         want = {DEPLOYMENTS.name, MEMBERS.name, PAYLOAD_DROPS.name, "active_releases"}

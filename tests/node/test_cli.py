@@ -174,6 +174,29 @@ async def test_deployment_id_comes_first_and_one_upload_line(
     assert lines[-1].startswith("Successfully deployed: gated")
 
 
+async def _cut_mid_stream(
+    node: NodeProcess, relay: Relay, gate: Path, *args: str
+) -> tuple[int, list[str], str]:
+    """Run ``cairn *args`` through ``relay`` until the hook waits at ``gate``, cut the
+    connection, open the gate; return the exit code, every stdout line and stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "node", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env=cli_env(node, CAIRN_TARGET=relay.url),
+    )  # fmt: skip
+    assert proc.stdout is not None
+    seen: list[str] = []
+    while "install   waiting" not in seen:
+        line = await asyncio.wait_for(proc.stdout.readline(), 20)
+        assert line, f"cairn {args[0]} ended early: {seen}"
+        seen.append(line.decode().rstrip("\n"))
+    relay.cut()
+    await asyncio.to_thread(gate.touch)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, seen + out.decode().splitlines(), err.decode()
+
+
 async def test_deploy_survives_a_dropped_connection(node: NodeProcess, tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     install = (
@@ -183,22 +206,11 @@ async def test_deploy_survives_a_dropped_connection(node: NodeProcess, tmp_path:
     )
     src = app_dir(tmp_path, install=install)
     async with Relay(node.host, node.admin_port) as relay:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "node", "deploy", str(src), "--project", "dropped",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            env=cli_env(node, CAIRN_TARGET=relay.url),
-        )  # fmt: skip
-        assert proc.stdout is not None
-        seen: list[str] = []
-        while "install   waiting" not in seen:
-            line = await asyncio.wait_for(proc.stdout.readline(), 20)
-            assert line, f"deploy ended early: {seen}"
-            seen.append(line.decode().rstrip("\n"))
-        relay.cut()  # the deploy's own stream breaks off; the CLI follows by id instead
-        gate.touch()
-        out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode == 0, err
-    lines = seen + out.decode().splitlines()
+        # The deploy's own stream breaks off; the CLI follows by id instead.
+        code, lines, err = await _cut_mid_stream(
+            node, relay, gate, "deploy", str(src), "--project", "dropped"
+        )
+    assert code == 0, err
     printed = [int(x.split()[-1]) for x in lines if re.fullmatch(r"install   line \d+", x)]
     assert printed == list(range(90))
     assert lines[-1].startswith("Successfully deployed: dropped (1/1 nodes active")
@@ -369,23 +381,10 @@ async def test_tail_resumes_after_a_dropped_connection(node: NodeProcess, tmp_pa
         assert time.monotonic() < deadline
         await asyncio.sleep(0.02)
     async with Relay(node.host, node.admin_port) as relay:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "node", "deployments", "tail", did,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            env=cli_env(node, CAIRN_TARGET=relay.url),
-        )  # fmt: skip
-        assert proc.stdout is not None
-        seen: list[str] = []
-        while "install   waiting" not in seen:
-            line = await asyncio.wait_for(proc.stdout.readline(), 20)
-            assert line, f"tail ended early: {seen}"
-            seen.append(line.decode().rstrip("\n"))
-        relay.cut()  # the connection drops while the deploy is held at its gate
-        gate.touch()
-        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        # The connection drops while the deploy is held at its gate.
+        code, lines, err = await _cut_mid_stream(node, relay, gate, "deployments", "tail", did)
         assert relay.connections >= 2  # it came back
-    assert proc.returncode == 0, err
-    lines = seen + out.decode().splitlines()
+    assert code == 0, err
     printed = [int(x.split()[-1]) for x in lines if re.fullmatch(r"install   line \d+", x)]
     assert printed == list(range(150))  # every line once, in order, across the drop
     assert lines[-1].startswith("Successfully deployed: tailed")
