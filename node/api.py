@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from node.appkeys import CONFIG, METRICS, SERVICES
+from node.appkeys import AUTH, CONFIG, METRICS, Services
 from node.body import read_body
 from node.errors import BadRequest, CairnError, Forbidden
 from node.metrics import CONTENT_TYPE
@@ -79,7 +79,7 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
 async def operations(request: web.Request) -> web.StreamResponse:
     app = request.app
     config = app[CONFIG]
-    principal = await app[SERVICES].auth.authenticate(request.headers.get("Authorization"))
+    principal = await app[AUTH].authenticate(request.headers.get("Authorization"))
     body = await read_body(
         request,
         max_body_bytes=config.limits.max_body_bytes,
@@ -114,7 +114,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
+    services = Services(request.app)
     status = await services.cluster_status() if services.cluster_status else None
     text = await request.app[METRICS].render(services.ctx.store, services.ctx.blobs, status)
     return web.Response(body=text, headers={"Content-Type": CONTENT_TYPE})

@@ -1,10 +1,13 @@
 """``create_app``: one node, its services under typed keys, owned by cleanup contexts.
 
-Start order (stop is the reverse): the data directory's lock → storage (database, blob
-store, releases, sweeps) → accounts (bootstrap user) → cluster (replication, when
-configured) → deploys (recovery of interrupted rows, the reconciler). Seams — the clock,
-crash points, the cluster implementation — are arguments, so tests pass fakes instead of
-patching.
+Start order (stop is the reverse), one cleanup context each: the data directory's lock
+→ storage (database, blob store, releases, sweeps) → cluster (replication, when
+configured) → accounts (the bootstrap user, once the cluster's users are known) →
+deploys (the component runner, recovery of interrupted rows, the reconciler). Each sets
+the ``web.AppKey`` of what it owns (:mod:`node.appkeys`) and closes it on the way out;
+every background task belongs to a :class:`~node.tasks.TaskSet`. Seams (the clock,
+crash points, the cluster implementation, the component runner) are arguments, so tests
+pass fakes instead of patching.
 """
 
 from __future__ import annotations
@@ -21,25 +24,48 @@ import structlog
 from aiohttp import web
 
 from node.api import OPERATIONS, error_middleware, routes
-from node.appkeys import CONFIG, METRICS, SERVICES, Services
+from node.appkeys import (
+    ACCOUNTS,
+    AUTH,
+    BLOBS,
+    CLUSTER_STATUS,
+    CONFIG,
+    DEPLOY,
+    DEPLOY_TASKS,
+    METRICS,
+    ORIGIN,
+    RECONCILER,
+    SEAMS,
+    STORE,
+    Seams,
+)
 from node.auth import SUPER_USER_ROLE, Authenticator, hash_password
 from node.config import Config
 from node.deploy.components import Components
-from node.deploy.context import BlobFetcher, ClusterView, DeployContext, SoloCluster
+from node.deploy.context import (
+    BlobFetcher,
+    ClusterView,
+    ComponentRunner,
+    DeployContext,
+    NoRunner,
+    SoloCluster,
+)
 from node.deploy.hooks import HookGroups
 from node.deploy.origin import Origin
 from node.deploy.reconciler import Reconciler
 from node.metrics import Metrics
 from node.operations import cluster, deployments, payloads, users
 from node.operations.registry import Registry
+from node.startup import align_releases, sweep_storage
 from node.tasks import TaskSet
 from storage.accounts import Accounts
 from storage.blobs import BlobStore
+from storage.entries import UNSIGNED, Signer
 from storage.faults import NO_FAULTS, Faults
 from storage.hlc import HybridClock
 from storage.store import Store
 
-__all__ = ["ClusterFactory", "ClusterHooks", "create_app"]
+__all__ = ["CLUSTER", "ClusterFactory", "ClusterHooks", "create_app"]
 
 log = structlog.get_logger(__name__)
 
@@ -49,14 +75,33 @@ class ClusterHooks:
 
     view: ClusterView
     fetcher: BlobFetcher
+    signer: Signer = UNSIGNED
     status: Callable[[], Awaitable[dict[str, Any]]] | None = None
 
     def on_ready(self, reconciler: Reconciler) -> None:
         """Called once the deploy services exist (to kick the reconciler on reconnect)."""
 
+    async def caught_up(self, timeout_s: float) -> bool:
+        """Wait until this node holds what some peer holds (False on timeout)."""
+        return True
+
+    async def wait_caught_up(self) -> None:
+        """Return once this node has caught up with the cluster (or it never will)."""
+
+    def summary(self) -> dict[str, Any]:
+        """Figures for the shutdown line (peers connected, transfers in flight)."""
+        return {}
+
 
 #: Builds the cluster once storage is open; an async generator used as a cleanup context.
-ClusterFactory = Callable[[Config, Services], AsyncIterator[ClusterHooks]]
+ClusterFactory = Callable[[web.Application], AsyncIterator[ClusterHooks]]
+#: Builds the component runner (the supervisor) for a node.
+RunnerFactory = Callable[[web.Application], ComponentRunner]
+
+CLUSTER: web.AppKey[ClusterHooks] = web.AppKey("cluster", ClusterHooks)
+_CLUSTER_FACTORY: web.AppKey[ClusterFactory | None] = web.AppKey("cluster_factory")
+_RUNNER_FACTORY: web.AppKey[RunnerFactory | None] = web.AppKey("runner_factory")
+_SIGNER: web.AppKey[Signer] = web.AppKey("signer")
 
 
 def registry() -> Registry:
@@ -66,16 +111,186 @@ def registry() -> Registry:
     return r
 
 
-async def _bootstrap(accounts: Accounts, config: Config) -> None:
-    """On first start, create the super_user role and the bootstrap user."""
+def create_app(
+    config: Config,
+    *,
+    clock: HybridClock | None = None,
+    faults: Faults = NO_FAULTS,
+    cluster_factory: ClusterFactory | None = None,
+    runner_factory: RunnerFactory | None = None,
+    signer: Signer = UNSIGNED,
+) -> web.Application:
+    """Build a node's admin application. Nothing starts until the app starts.
+
+    Args:
+        config: the node's configuration.
+        clock: the hybrid clock (tests pass one over a fake wall clock).
+        faults: crash points.
+        cluster_factory: replication, for a clustered node.
+        runner_factory: the component runner (default: none runs anything).
+        signer: signs this node's change entries (its cluster certificate's key).
+    """
+    app = web.Application(
+        middlewares=[error_middleware], client_max_size=config.limits.max_body_bytes
+    )
+    app[CONFIG] = config
+    app[SEAMS] = Seams(clock=clock, faults=faults)
+    app[OPERATIONS] = registry()
+    app[METRICS] = Metrics()
+    app[_CLUSTER_FACTORY] = cluster_factory
+    app[_RUNNER_FACTORY] = runner_factory
+    app[_SIGNER] = signer
+    app[CLUSTER_STATUS] = None
+    app.add_routes(routes())
+    app.cleanup_ctx.append(_data_dir_lock)
+    app.cleanup_ctx.append(_storage)
+    if cluster_factory is not None:
+        app.cleanup_ctx.append(_cluster)
+    app.cleanup_ctx.append(_accounts)
+    app.cleanup_ctx.append(_deploys)
+    return app
+
+
+# -- cleanup contexts, in start order -------------------------------------------------
+
+
+async def _data_dir_lock(app: web.Application) -> AsyncIterator[None]:
+    """Hold an exclusive lock on ``<data>/lock`` for the life of the node.
+
+    Start-up sweeps temp files, kills leftover hooks and fails unfinished deploys as
+    ``interrupted``: all wrong while another process is working in the same directory.
+
+    Raises:
+        RuntimeError: another process holds the lock.
+    """
+    data = app[CONFIG].node.data_dir
+    data.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RuntimeError(f"data directory {data} is in use by another node process") from None
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+async def _storage(app: web.Application) -> AsyncIterator[None]:
+    config, seams = app[CONFIG], app[SEAMS]
+    data = config.node.data_dir
+    store = await Store.open(
+        data / "cairn.db", node=config.node.name, clock=seams.clock, signer=app[_SIGNER]
+    )
+    try:
+        await store.resign()
+        blobs = BlobStore(data / "blobs", faults=seams.faults)
+        components = Components(data / "components", faults=seams.faults)
+        hook_groups = HookGroups(data / "run" / "hooks")
+        await sweep_storage(store, blobs, components, hook_groups, data / "tmp")
+        await align_releases(store, components)
+        app[STORE] = store
+        app[BLOBS] = blobs
+        app[ACCOUNTS] = Accounts(store)
+        app[AUTH] = Authenticator(app[ACCOUNTS])
+        solo = SoloCluster(config.node.name)
+        app[DEPLOY] = DeployContext(
+            node=config.node.name, store=store, blobs=blobs, components=components,
+            limits=config.limits, cluster=solo, fetcher=solo, faults=seams.faults,
+            hook_groups=hook_groups, retention=config.retention,
+        )  # fmt: skip
+        yield
+    finally:
+        await store.close()
+
+
+async def _cluster(app: web.Application) -> AsyncIterator[None]:
+    factory = app[_CLUSTER_FACTORY]
+    assert factory is not None
+    async for hooks in factory(app):
+        app[CLUSTER] = hooks
+        app[CLUSTER_STATUS] = hooks.status
+        app[DEPLOY] = replace(app[DEPLOY], cluster=hooks.view, fetcher=hooks.fetcher)
+        yield
+
+
+async def _accounts(app: web.Application) -> AsyncIterator[None]:
+    """Bootstrap accounts. A node joining a cluster does it in the background once it has
+    caught up (or given up waiting), so it serves meanwhile (answering 401 until the
+    cluster's users have arrived)."""
+    config, accounts = app[CONFIG], app[ACCOUNTS]
+    joining = app.get(CLUSTER) is not None and bool(config.peers)
+    tasks = TaskSet("accounts")
+    if joining and not await accounts.list_users():
+        tasks.spawn(_bootstrap(app), name="bootstrap-accounts")
+    else:
+        await _bootstrap(app)
+    try:
+        yield
+    finally:
+        await tasks.close()
+
+
+async def _deploys(app: web.Application) -> AsyncIterator[None]:
+    factory = app[_RUNNER_FACTORY]
+    runner = factory(app) if factory is not None else NoRunner()
+    app[DEPLOY] = ctx = replace(app[DEPLOY], runner=runner)
+    tasks = app[DEPLOY_TASKS] = TaskSet("deploys")
+    app[ORIGIN] = Origin(ctx, tasks)
+    interrupted = await app[ORIGIN].recover()
+    hooks = app.get(CLUSTER)
+    reconciler = app[RECONCILER] = Reconciler(
+        ctx, wait_ready=hooks.wait_caught_up if hooks is not None else _now
+    )
+    if hooks is not None:
+        hooks.on_ready(reconciler)
+    background = TaskSet("reconciler")
+    background.spawn(reconciler.run(), name="reconciler")
+    try:
+        yield
+    finally:
+        running = len(tasks)
+        await background.close()
+        await tasks.close()
+        close = getattr(runner, "close", None)
+        if close is not None:
+            await close()
+        log.info(
+            "node_shutdown_summary",
+            node=app[CONFIG].node.name,
+            deploys_interrupted=running,
+            interrupted_at_start=len(interrupted),
+            **(hooks.summary() if hooks is not None else {}),
+        )
+
+
+async def _now() -> None:
+    return None
+
+
+async def _bootstrap(app: web.Application) -> None:
+    """Create the super_user role and the bootstrap user, unless the cluster has them.
+
+    A node joining a cluster first waits until it has caught up with some peer, so it
+    never overwrites a user (or a password) the cluster already has.
+    """
+    config, accounts = app[CONFIG], app[ACCOUNTS]
+    hooks = app.get(CLUSTER)
+    wait_s = config.auth.bootstrap_wait_s
+    if hooks is not None and config.peers and not await hooks.caught_up(wait_s):
+        log.warning("bootstrap_without_peers", waited_s=wait_s)
     if await accounts.get_role(SUPER_USER_ROLE) is None:
         await accounts.put_role(SUPER_USER_ROLE, {"super_user": True, "operations": []}, by=None)
-    if await accounts.list_users():
+    if (
+        await accounts.get_user(config.auth.bootstrap_user) is not None
+        or await accounts.list_users()
+    ):
         return
     password = config.auth.bootstrap_password
     if not password:
         password = secrets.token_urlsafe(18)
-        path = config.node.data_dir / "admin-password"
+        path: Path = config.node.data_dir / "admin-password"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(password + "\n")
@@ -87,128 +302,3 @@ async def _bootstrap(accounts: Accounts, config: Config) -> None:
         by=None,
     )
     log.info("bootstrap_user_created", user=config.auth.bootstrap_user)
-
-
-def _lock_data_dir(data: Path) -> int:
-    """Hold an exclusive lock on ``<data>/lock`` for the life of the node.
-
-    Start-up sweeps temp files, kills leftover hooks and fails unfinished deploys as
-    ``interrupted``: all wrong while another process is working in the same directory.
-
-    Raises:
-        RuntimeError: another process holds the lock.
-    """
-    fd = os.open(data / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise RuntimeError(f"data directory {data} is in use by another node process") from None
-    return fd
-
-
-def _sweep_tmp(tmp: Path) -> list[Path]:
-    """Remove packing temp files a crash left in the node's ``tmp`` directory."""
-    removed = []
-    if tmp.is_dir():
-        for entry in tmp.iterdir():
-            if entry.is_file() or entry.is_symlink():
-                entry.unlink(missing_ok=True)
-                removed.append(entry)
-    return removed
-
-
-def create_app(
-    config: Config,
-    *,
-    clock: HybridClock | None = None,
-    faults: Faults = NO_FAULTS,
-    cluster_factory: ClusterFactory | None = None,
-) -> web.Application:
-    """Build a node's admin application. Nothing starts until the app starts."""
-    app = web.Application(
-        middlewares=[error_middleware], client_max_size=config.limits.max_body_bytes
-    )
-    app[CONFIG] = config
-    app[OPERATIONS] = registry()
-    app[METRICS] = Metrics()
-    services = app[SERVICES] = Services()
-    app.add_routes(routes())
-    cluster_hooks: list[ClusterHooks] = []
-
-    async def lock_ctx(app: web.Application) -> AsyncIterator[None]:
-        config.node.data_dir.mkdir(parents=True, exist_ok=True)
-        lock = _lock_data_dir(config.node.data_dir)
-        try:
-            yield
-        finally:
-            os.close(lock)
-
-    async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
-        data = config.node.data_dir
-        store = await Store.open(data / "cairn.db", node=config.node.name, clock=clock)
-        blobs = BlobStore(data / "blobs", faults=faults)
-        components = Components(data / "components", faults=faults)
-        hook_groups = HookGroups(data / "run" / "hooks")
-        if killed := hook_groups.kill_leftovers():
-            log.warning("leftover_hooks_killed", process_groups=killed)
-        swept = blobs.sweep() + components.sweep() + _sweep_tmp(data / "tmp")
-        if swept:
-            log.info("temp_files_swept", count=len(swept))
-        # A crash between storing a blob and recording its hash in the row leaves a
-        # blob nothing refers to; nothing else would ever free it.
-        orphans = [h for h in blobs.hashes() if await store.live_references(h) == 0]
-        freed = sum([await blobs.delete(h) for h in orphans])
-        if orphans:
-            log.info("orphan_blobs_swept", count=len(orphans), freed_bytes=freed)
-        services.store = store
-        services.accounts = Accounts(store)
-        services.auth = Authenticator(services.accounts)
-        await _bootstrap(services.accounts, config)
-        services.tasks = TaskSet("node")
-        solo = SoloCluster(config.node.name)
-        services.ctx = DeployContext(
-            node=config.node.name,
-            store=store,
-            blobs=blobs,
-            components=components,
-            limits=config.limits,
-            cluster=solo,
-            fetcher=solo,
-            faults=faults,
-            hook_groups=hook_groups,
-        )
-        try:
-            yield
-        finally:
-            await services.tasks.close()
-            await store.close()
-
-    async def cluster_ctx(app: web.Application) -> AsyncIterator[None]:
-        assert cluster_factory is not None
-        async for hooks in cluster_factory(config, services):
-            cluster_hooks.append(hooks)
-            services.cluster_status = hooks.status
-            services.ctx = replace(services.ctx, cluster=hooks.view, fetcher=hooks.fetcher)
-            yield
-
-    async def deploy_ctx(app: web.Application) -> AsyncIterator[None]:
-        ctx = services.ctx
-        services.origin = Origin(ctx, services.tasks)
-        await services.origin.recover()
-        services.reconciler = Reconciler(ctx)
-        for hooks in cluster_hooks:
-            hooks.on_ready(services.reconciler)
-        task = services.tasks.spawn(services.reconciler.run(), name="reconciler")
-        try:
-            yield
-        finally:
-            task.cancel()
-            await services.tasks.close()
-
-    app.cleanup_ctx.append(lock_ctx)
-    app.cleanup_ctx.append(storage_ctx)
-    if cluster_factory is not None:
-        app.cleanup_ctx.append(cluster_ctx)
-    app.cleanup_ctx.append(deploy_ctx)
-    return app

@@ -1,32 +1,37 @@
 """The glue between a node and its replication service.
 
-``create_app(config, cluster_factory=cluster_factory)`` runs :func:`cluster_factory` as
-a cleanup context once storage is open: it checks the TLS material, builds the
-mutual-TLS transport and a :class:`~replication.service.ReplicationService` from the
-node's :class:`~node.config.Config`, and yields the :class:`~node.app.ClusterHooks` the
-deploy code sees. ``replication`` never imports ``node``: this module is where the two
-meet.
+``create_app(config, cluster_factory=cluster_factory, signer=...)`` runs
+:func:`cluster_factory` as a cleanup context once storage is open: it builds the
+mutual-TLS transport, the keyring of member certificates and a
+:class:`~replication.service.ReplicationService` from the node's
+:class:`~node.config.Config`, and yields the :class:`~node.app.ClusterHooks` the deploy
+code sees. ``replication`` never imports ``node``: this module is where the two meet.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import structlog
+from aiohttp import web
 
 from node.app import ClusterHooks
-from node.appkeys import Services
+from node.appkeys import BLOBS, CONFIG, STORE
 from node.config import Config, ReplicationConfig
 from node.deploy.reconciler import Reconciler
 from replication.channel import TlsTransport
 from replication.codec import DEFAULT_LIMITS
+from replication.errors import CertificateError
 from replication.membership import PeerAddress
 from replication.service import ReplicationService
 from replication.session import Settings
+from replication.signing import Keyring, NodeSigner
 from replication.sslctx import client_ssl_context, server_ssl_context
 from replication.tls import check_node_credentials, cluster_id_for_ca
+from storage.trim import TrimPolicy
 
-__all__ = ["ReplicationHooks", "cluster_factory", "settings_from"]
+__all__ = ["ReplicationHooks", "cluster_factory", "load_signer", "settings_from"]
 
 log = structlog.get_logger(__name__)
 
@@ -34,15 +39,27 @@ log = structlog.get_logger(__name__)
 class ReplicationHooks(ClusterHooks):
     """The node's view of a running :class:`ReplicationService`."""
 
-    def __init__(self, service: ReplicationService) -> None:
+    def __init__(self, service: ReplicationService, signer: NodeSigner) -> None:
         self.service = service
         self.view = service
         self.fetcher = service
+        self.signer = signer
         self.status = service.status
 
     def on_ready(self, reconciler: Reconciler) -> None:
         """Rescan deployments whenever a peer (re)connects: rows may have moved meanwhile."""
         self.service.on_connected(lambda _peer: reconciler.kick())
+
+    async def caught_up(self, timeout_s: float) -> bool:
+        return await self.service.caught_up(timeout_s)
+
+    async def wait_caught_up(self) -> None:
+        # A node with no reachable peer converges on what it has; one that can reach a
+        # peer waits (a bounded while) for what that peer holds first.
+        await self.service.caught_up(self.service.settings.dead_after_s)
+
+    def summary(self) -> dict[str, Any]:
+        return {"peers_connected": len(self.service.connected())}
 
 
 def settings_from(config: ReplicationConfig) -> Settings:
@@ -61,11 +78,25 @@ def settings_from(config: ReplicationConfig) -> Settings:
         chunk_bytes=config.chunk_bytes,
         chunk_credit=config.chunk_credit,
         fetch_wait_s=config.dead_after_s,
+        max_clock_offset_s=config.max_clock_offset_s,
         limits=DEFAULT_LIMITS,
     )
 
 
-async def cluster_factory(config: Config, services: Services) -> AsyncIterator[ClusterHooks]:
+def load_signer(config: Config) -> NodeSigner:
+    """This node's signing key: the key of its cluster certificate.
+
+    Raises:
+        CertificateError: the TLS material is missing, unusable or for another node.
+    """
+    if config.tls is None:
+        raise CertificateError("a cluster node needs [tls] cert and key")
+    tls = config.tls
+    check_node_credentials(tls.cert, tls.key, tls.ca, config.node.name)
+    return NodeSigner.load(tls.cert, tls.key)
+
+
+async def cluster_factory(app: web.Application) -> AsyncIterator[ClusterHooks]:
     """Run replication for the node's lifetime (an aiohttp cleanup context body).
 
     Yields:
@@ -76,10 +107,20 @@ async def cluster_factory(config: Config, services: Services) -> AsyncIterator[C
         CertificateError: the TLS material is missing, unusable or for another node.
         TransportError: the peer port cannot be bound.
     """
+    config = app[CONFIG]
     if config.peer is None or config.tls is None:
         raise ValueError("replication needs the [peer] and [tls] sections")
     tls = config.tls
-    check_node_credentials(tls.cert, tls.key, tls.ca, config.node.name)
+    signer = load_signer(config)
+    store = app[STORE]
+    keyring = Keyring(tls.ca.read_bytes())
+    for key_id, der in await store.certs():
+        try:
+            keyring.add(der)
+        except CertificateError as e:  # another CA now: those entries cannot be relayed
+            log.warning("stored_cert_refused", key_id=key_id, error=str(e))
+    own = keyring.add(signer.cert_der)
+    await store.put_cert(own.key_id, own.node, own.der, own.not_before_ms, own.not_after_ms)
     settings = settings_from(config.replication)
     transport = TlsTransport(
         host=config.peer.host,
@@ -88,17 +129,25 @@ async def cluster_factory(config: Config, services: Services) -> AsyncIterator[C
         client_ssl=client_ssl_context(tls.cert, tls.key, tls.ca),
         limits=settings.limits,
     )
+    r = config.replication
     service = ReplicationService(
         node=config.node.name,
-        store=services.store,
-        blobs=services.ctx.blobs,
+        store=store,
+        blobs=app[BLOBS],
         cluster_id=cluster_id_for_ca(tls.ca.read_bytes()),
         peers=[PeerAddress(p.name, p.url) for p in config.peers],
         transport=transport,
         settings=settings,
-    )
+        keyring=keyring,
+        own_cert=signer.cert_der,
+        trim_policy=TrimPolicy(
+            max_age_s=r.log_max_age_s, max_entries=r.log_max_entries,
+            audit_max_entries=r.audit_max_entries,
+        ),
+        maintain_s=r.maintain_s,
+    )  # fmt: skip
     await service.start()
     try:
-        yield ReplicationHooks(service)
+        yield ReplicationHooks(service, signer)
     finally:
         await service.stop()

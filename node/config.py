@@ -86,6 +86,9 @@ class PeerEntry:
 class AuthConfig:
     bootstrap_user: str = "admin"
     bootstrap_password: str | None = None
+    #: How long a clustered node waits to catch up with a peer before it creates the
+    #: bootstrap user (it never creates one the cluster already has).
+    bootstrap_wait_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,12 +126,24 @@ class ReplicationConfig:
     credit_batches: int = _REPLICATION.credit_batches
     chunk_bytes: int = _REPLICATION.chunk_bytes
     chunk_credit: int = _REPLICATION.chunk_credit
+    #: A change whose version is further ahead of this node's clock is parked.
+    max_clock_offset_s: float = _REPLICATION.max_clock_offset_s
+    #: The change log keeps an entry every member has for at most this long...
+    log_max_age_s: float = 7 * 86_400.0
+    #: ... and at most this many entries in all (older ones go first).
+    log_max_entries: int = 1_000_000
+    #: Lines of the audit log kept.
+    audit_max_entries: int = 100_000
+    #: How often the change log is trimmed and parked changes retried.
+    maintain_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
 class RetentionConfig:
     keep_successful: int = 3
     failed_grace_s: float = 86_400.0
+    #: Release directories kept per project besides the active one (fast rollback).
+    keep_releases: int = 3
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from node.app import ClusterFactory, create_app
 from node.config import Config
+from storage.entries import UNSIGNED, Signer
 
 __all__ = ["StartupError", "serve"]
 
@@ -63,7 +64,18 @@ async def serve(config: Config, *, faults: object | None = None) -> None:
     """
     from storage.faults import EnvCrashPoints
 
-    app = create_app(config, faults=EnvCrashPoints(), cluster_factory=_cluster_factory(config))
+    signer: Signer = UNSIGNED
+    if config.clustered:
+        from node.cluster import load_signer
+        from replication.errors import CertificateError
+
+        try:
+            signer = load_signer(config)
+        except CertificateError as e:
+            raise StartupError(str(e)) from None
+    app = create_app(
+        config, faults=EnvCrashPoints(), cluster_factory=_cluster_factory(config), signer=signer
+    )
     ssl_ctx = None
     if config.admin.tls_cert is not None and config.admin.tls_key is not None:
         from replication.sslctx import admin_ssl_context

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from node.deploy.context import DeployContext
-from node.deploy.coordinator import peer_results
+from node.deploy.results import peer_results
 from storage.records import Deployment, Event, NodeResult
 
 __all__ = ["deployment_view", "deployment_views"]
@@ -16,6 +16,7 @@ def deployment_view(
     results: list[NodeResult],
     *,
     blob_present: bool,
+    pinned: bool = False,
     events: list[Event] | None = None,
 ) -> dict[str, Any]:
     """One ``hdb_deployment`` record as the API shows it (SPEC section 3)."""
@@ -38,7 +39,8 @@ def deployment_view(
         "completed_at": d.completed_at,
         "user": d.user,
         "rollback_of": d.rollback_of,
-        "pinned": d.pinned,
+        "superseded_by": d.superseded_by,
+        "pinned": pinned,
         "error": d.error,
     }
     if events is not None:
@@ -53,6 +55,7 @@ async def deployment_views(
     ids = [d.deployment_id for d in deployments]
     results = await ctx.store.results_for(ids)
     dropped = await ctx.store.dropped(ids)
+    pinned = await ctx.store.pinned(ids)
     out = []
     for d in deployments:
         present = (
@@ -63,7 +66,11 @@ async def deployment_views(
         events = await ctx.store.events(d.deployment_id) if include_event_log else None
         out.append(
             deployment_view(
-                d, results.get(d.deployment_id, []), blob_present=present, events=events
+                d,
+                results.get(d.deployment_id, []),
+                blob_present=present,
+                pinned=d.deployment_id in pinned,
+                events=events,
             )
         )
     return out

@@ -1,40 +1,36 @@
 """msgpack encoding of the peer protocol's frames, and strict validation of what arrives.
 
 A frame is one msgpack map ``{"t": <TYPE>, <field>: <value>, ...}``. A field named ``t``
-(Ping, Pong) travels as ``ts``; change entries inside Changes are untagged maps.
+(Ping, Pong) travels as ``ts``. Inside a Batch, ranges and entries are arrays (their
+fields in declaration order), which keeps the per-entry overhead small.
 
 :func:`decode` treats its input as hostile: every way a frame can be wrong raises
-:class:`~replication.errors.ProtocolError` (msgpack's own exceptions are translated here,
-once), and anything it returns is a fully validated :data:`~replication.messages.Message`.
-
-Limits are enforced in three places, cheapest first: the frame's byte size before
-unpacking; msgpack's per-container length caps while unpacking (so a header cannot
-claim more elements than the frame could hold); and an iterative walk of the decoded
-structure for nesting depth, total item count and leaf types. msgpack-python has no depth
-limit of its own, and the walk never recurses.
+:class:`~replication.errors.ProtocolError`, and anything it returns is a fully
+validated :data:`~replication.messages.Message`. The byte-level checks (size before
+unpacking, per-container caps, nesting depth, item count, leaf types, duplicate keys)
+are :func:`storage.packing.unpack`'s, translated here once.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, Final
 
-import msgpack
-
 from replication.errors import ProtocolError
 from replication.messages import (
     NODE_NAME_RE,
-    OPS,
+    OWN,
+    RELAY,
+    Batch,
     BlobCredit,
-    ChangeEntry,
-    Changes,
+    Certs,
     Chunk,
     Credit,
     End,
     Hello,
+    LogRange,
     Message,
     Missing,
     Ping,
@@ -43,21 +39,24 @@ from replication.messages import (
     Subscribe,
     Want,
     Welcome,
+    WireEntry,
 )
+from storage.entries import MAX_ENTRY_BYTES, is_log_id
+from storage.packing import PackError, PackLimits, pack, unpack
 
 __all__ = ["DEFAULT_LIMITS", "FrameLimits", "decode", "encode"]
 
-_INT64_MIN: Final = -(2**63)
 _INT64_MAX: Final = 2**63 - 1
 _HASH_RE: Final = re.compile(r"[0-9a-f]{64}")
 _CLUSTER_ID_RE: Final = re.compile(r"[0-9a-f]{16}")
 _CAP_RE: Final = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
-_TABLE_RE: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_KEY_ID_RE: Final = re.compile(r"[0-9a-f]{32}|unsigned")
 _MAX_CAPS: Final = 64
 _MAX_REASON_CHARS: Final = 4096
-_MAX_KEY_CHARS: Final = 4096
-_MAX_USER_CHARS: Final = 1024
-_LEAF_TYPES: Final = (str, bytes, bool, type(None))
+_MAX_LOGS: Final = 4096
+_MAX_CERTS: Final = 256
+_MAX_CERT_BYTES: Final = 16 * 1024
+_MAX_SIG_BYTES: Final = 512
 # The frame tag is "t", so a message field named t (Ping, Pong) travels as "ts".
 _TIME_KEY: Final = "ts"
 
@@ -94,11 +93,14 @@ def encode(msg: Message, limits: FrameLimits = DEFAULT_LIMITS) -> bytes:
     wire: dict[str, Any] = {"t": msg.TYPE}
     for f in fields(msg):
         wire[_TIME_KEY if f.name == "t" else f.name] = getattr(msg, f.name)
-    if isinstance(msg, Changes):
-        wire["entries"] = [{f.name: getattr(e, f.name) for f in fields(e)} for e in msg.entries]
+    if isinstance(msg, Batch):
+        wire["ranges"] = [[r.log_id, r.after, r.last, r.compacted] for r in msg.ranges]
+        wire["entries"] = [
+            [e.log_id, e.oseq, e.writer, e.key_id, e.body, e.sig] for e in msg.entries
+        ]
     try:
-        frame: bytes = msgpack.packb(wire, use_bin_type=True)
-    except (TypeError, ValueError, OverflowError) as e:
+        frame = pack(wire)
+    except PackError as e:
         raise ProtocolError(f"cannot encode {msg.TYPE} frame: {e}") from e
     if len(frame) > limits.max_frame_bytes:
         raise ProtocolError(
@@ -123,31 +125,14 @@ def decode(frame: bytes | bytearray | memoryview, limits: FrameLimits = DEFAULT_
             an unknown type, a missing or extra field, or a field of the wrong type or
             out of range.
     """
-    if not isinstance(frame, bytes | bytearray | memoryview):
-        raise ProtocolError(f"a frame must be bytes, not {type(frame).__name__}")
-    if len(frame) > limits.max_frame_bytes:
-        raise ProtocolError(
-            f"frame of {len(frame)} bytes exceeds the limit of {limits.max_frame_bytes} bytes"
-        )
-    cap = min(limits.max_items, len(frame))
     try:
-        obj = msgpack.unpackb(
+        obj = unpack(
             frame,
-            use_list=True,
-            raw=False,
-            strict_map_key=True,
-            object_pairs_hook=_string_map,
-            max_str_len=len(frame),
-            max_bin_len=len(frame),
-            max_array_len=cap,
-            max_map_len=cap,
-            max_ext_len=0,  # no extension types (timestamps included) in this protocol
-        )
-    except ProtocolError:
-        raise
-    except Exception as e:  # msgpack raises a zoo of ValueError/TypeError subclasses
+            PackLimits(max_bytes=limits.max_frame_bytes, max_depth=limits.max_depth,
+                       max_items=limits.max_items),
+        )  # fmt: skip
+    except PackError as e:
         raise ProtocolError(f"malformed frame: {e}") from e
-    _walk(obj, limits)
     if not isinstance(obj, dict):
         raise ProtocolError("a frame must be a map")
     kind = obj.get("t")
@@ -158,44 +143,6 @@ def decode(frame: bytes | bytearray | memoryview, limits: FrameLimits = DEFAULT_
     if _TIME_KEY in obj and "t" in _field_names(cls):
         obj["t"] = obj.pop(_TIME_KEY)
     return build(_Fields(obj, cls))
-
-
-# -- structure checks -----------------------------------------------------------------
-
-
-def _string_map(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if not isinstance(key, str):
-            raise ProtocolError("map keys must be strings")
-        if key in out:
-            raise ProtocolError(f"duplicate map key {key!r}")
-        out[key] = value
-    return out
-
-
-def _walk(root: object, limits: FrameLimits) -> None:
-    """Check depth, item count and leaf types without recursion."""
-    items = 0
-    stack: list[tuple[object, int]] = [(root, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if isinstance(node, dict | list):
-            if depth > limits.max_depth:
-                raise ProtocolError(f"frame nests deeper than {limits.max_depth} levels")
-            items += len(node)
-            if items > limits.max_items:
-                raise ProtocolError(f"frame holds more than {limits.max_items} items")
-            children = node.values() if isinstance(node, dict) else node
-            stack.extend((child, depth + 1) for child in children)
-        elif isinstance(node, int) and not isinstance(node, bool):
-            if not _INT64_MIN <= node <= _INT64_MAX:
-                raise ProtocolError("integer out of the signed 64-bit range")
-        elif isinstance(node, float):
-            if not math.isfinite(node):
-                raise ProtocolError("non-finite float in frame")
-        elif not isinstance(node, _LEAF_TYPES):
-            raise ProtocolError(f"unsupported value of type {type(node).__name__} in frame")
 
 
 # -- field validation -----------------------------------------------------------------
@@ -268,75 +215,113 @@ class _Fields:
                 raise ProtocolError(f"{self.what}.{name} holds an invalid capability {c!r}")
         return tuple(caps)
 
-    def data(self, name: str) -> dict[str, Any] | list[Any] | None:
+    def log_id(self, name: str) -> str:
         v = self.obj[name]
-        if v is not None and type(v) not in (dict, list):
-            raise self._fail(name, "a map, an array or nil")
-        return v  # type: ignore[no-any-return]  # contents already checked by _walk
+        if not is_log_id(v):
+            raise self._fail(name, "a log id")
+        assert isinstance(v, str)
+        return v
 
 
 def _handshake(cls: type[Hello] | type[Welcome]) -> Callable[[_Fields], Message]:
     def build(f: _Fields) -> Message:
+        node = f.node("node")
+        log_id = f.log_id("log_id")
+        if not log_id.startswith(node + "/"):
+            raise ProtocolError(f"{f.what}.log_id must be a log of node {node!r}")
         return cls(
             proto=f.uint("proto"),
             cluster_id=f.text("cluster_id", 16, _CLUSTER_ID_RE),
-            node=f.node("node"),
+            node=node,
             caps=f.caps(),
+            log_id=log_id,
         )
 
     return build
 
 
-def _entry(obj: object) -> ChangeEntry:
-    if not isinstance(obj, dict):
-        raise ProtocolError("changes.entries must hold maps")
-    f = _Fields(obj, ChangeEntry)
-    op = f.text("op", 16)
-    if op not in OPS:
-        raise ProtocolError(f"change.op must be one of {sorted(OPS)}, got {op!r}")
-    return ChangeEntry(
-        seq=f.uint("seq"),
-        tbl=f.text("tbl", 64, _TABLE_RE),
-        key=f.text("key", _MAX_KEY_CHARS),
-        version=f.uint("version"),
-        origin=f.node("origin"),
-        op=op,
-        data=f.data("data"),
-        user=f.opt_text("user", _MAX_USER_CHARS),
-        t=f.uint("t"),
-    )
+def _positions(f: _Fields, name: str) -> dict[str, int]:
+    v = f.obj[name]
+    if type(v) is not dict or len(v) > _MAX_LOGS:
+        raise f._fail(name, f"a map of at most {_MAX_LOGS} log positions")
+    for log_id, oseq in v.items():
+        if not is_log_id(log_id) or type(oseq) is not int or not 0 <= oseq <= _INT64_MAX:
+            raise ProtocolError(f"{f.what}.{name} must map log ids to positions")
+    return dict(v)
 
 
-def _changes(f: _Fields) -> Message:
-    entries = tuple(_entry(e) for e in f.array("entries"))
-    last_seq, head_seq = f.uint("last_seq"), f.uint("head_seq")
-    after_seq, lag_bytes = f.uint("after_seq"), f.uint("lag_bytes")
-    previous = after_seq
-    for e in entries:
-        if e.seq <= previous:
-            raise ProtocolError("changes.entries are not in increasing seq order after after_seq")
-        previous = e.seq
-    if previous > last_seq or last_seq > head_seq:
-        raise ProtocolError("changes must satisfy after_seq < entry seqs <= last_seq <= head_seq")
-    return Changes(
-        entries=entries,
-        last_seq=last_seq,
-        head_seq=head_seq,
-        after_seq=after_seq,
-        lag_bytes=lag_bytes,
-    )
+def _subscribe(f: _Fields) -> Message:
+    scope = f.text("scope", 8)
+    if scope not in (OWN, RELAY):
+        raise ProtocolError(f"subscribe.scope must be {OWN!r} or {RELAY!r}")
+    exclude = f.array("exclude")
+    if len(exclude) > _MAX_LOGS or not all(is_log_id(x) for x in exclude):
+        raise ProtocolError("subscribe.exclude must be a list of log ids")
+    return Subscribe(
+        positions=_positions(f, "positions"), scope=scope, exclude=tuple(exclude),
+        credit=f.uint("credit"),
+    )  # fmt: skip
+
+
+def _range(obj: object) -> LogRange:
+    if type(obj) is not list or len(obj) != 4:
+        raise ProtocolError("batch.ranges must hold [log_id, after, last, compacted]")
+    log_id, after, last, compacted = obj
+    if not is_log_id(log_id) or type(compacted) is not bool:
+        raise ProtocolError("batch range has a bad log id or compacted flag")
+    for n in (after, last):
+        if type(n) is not int or not 0 <= n <= _INT64_MAX:
+            raise ProtocolError("batch range bounds must be non-negative integers")
+    if last < after:
+        raise ProtocolError("batch range ends before it starts")
+    return LogRange(log_id, after, last, compacted)
+
+
+def _wire_entry(obj: object) -> WireEntry:
+    if type(obj) is not list or len(obj) != 6:
+        raise ProtocolError("batch.entries must hold [log_id, oseq, writer, key_id, body, sig]")
+    log_id, oseq, writer, key_id, body, sig = obj
+    if not is_log_id(log_id) or not isinstance(writer, str) or not log_id.startswith(writer + "/"):
+        raise ProtocolError("batch entry has a bad log id or writer")
+    if type(oseq) is not int or not 0 < oseq <= _INT64_MAX:
+        raise ProtocolError("batch entry oseq must be a positive integer")
+    if type(key_id) is not str or not _KEY_ID_RE.fullmatch(key_id):
+        raise ProtocolError("batch entry key_id is malformed")
+    if type(body) is not bytes or not 0 < len(body) <= MAX_ENTRY_BYTES:
+        raise ProtocolError(f"batch entry body must be 1 to {MAX_ENTRY_BYTES} bytes")
+    if type(sig) is not bytes or len(sig) > _MAX_SIG_BYTES:
+        raise ProtocolError("batch entry signature is malformed")
+    return WireEntry(log_id, oseq, writer, key_id, body, sig)
+
+
+def _batch(f: _Fields) -> Message:
+    ranges = tuple(_range(r) for r in f.array("ranges"))
+    if len(ranges) > _MAX_LOGS:
+        raise ProtocolError("batch covers too many logs")
+    entries = tuple(_wire_entry(e) for e in f.array("entries"))
+    return Batch(ranges, entries, lag_entries=f.uint("lag_entries"), lag_bytes=f.uint("lag_bytes"))
+
+
+def _certs(f: _Fields) -> Message:
+    certs = f.array("certs")
+    if len(certs) > _MAX_CERTS or not all(
+        type(c) is bytes and 0 < len(c) <= _MAX_CERT_BYTES for c in certs
+    ):
+        raise ProtocolError(f"certs must hold at most {_MAX_CERTS} DER certificates")
+    return Certs(tuple(certs))
 
 
 _DECODERS: Final[dict[str, tuple[type[Any], Callable[[_Fields], Message]]]] = {
     Hello.TYPE: (Hello, _handshake(Hello)),
     Welcome.TYPE: (Welcome, _handshake(Welcome)),
     Refuse.TYPE: (Refuse, lambda f: Refuse(reason=f.text("reason", _MAX_REASON_CHARS))),
-    Subscribe.TYPE: (
-        Subscribe,
-        lambda f: Subscribe(after_seq=f.uint("after_seq"), credit=f.uint("credit")),
+    Subscribe.TYPE: (Subscribe, _subscribe),
+    Credit.TYPE: (
+        Credit,
+        lambda f: Credit(batches=f.uint("batches"), positions=_positions(f, "positions")),
     ),
-    Credit.TYPE: (Credit, lambda f: Credit(batches=f.uint("batches"))),
-    Changes.TYPE: (Changes, _changes),
+    Batch.TYPE: (Batch, _batch),
+    Certs.TYPE: (Certs, _certs),
     Want.TYPE: (Want, lambda f: Want(hash=f.hash(), offset=f.uint("offset"))),
     Chunk.TYPE: (
         Chunk,

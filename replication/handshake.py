@@ -32,18 +32,19 @@ def negotiate_caps(mine: Collection[str], theirs: Collection[str]) -> tuple[str,
     return tuple(sorted(set(mine) & set(theirs)))
 
 
-def client_hello(node: str, cluster_id: str, caps: Collection[str]) -> Hello:
+def client_hello(node: str, cluster_id: str, caps: Collection[str], log_id: str) -> Hello:
     """Build the dialler's first frame.
 
     Args:
         node: this node's name (as in its certificate).
         cluster_id: this node's cluster id (from the CA).
         caps: this node's capabilities.
+        log_id: the change log this node writes.
 
     Returns:
         The Hello, with this build's protocol version.
     """
-    return Hello(PROTOCOL_VERSION, cluster_id, node, tuple(sorted(set(caps))))
+    return Hello(PROTOCOL_VERSION, cluster_id, node, tuple(sorted(set(caps))), log_id)
 
 
 def expect_hello(msg: Message) -> Hello:
@@ -70,6 +71,7 @@ def answer_hello(
     cluster_id: str,
     authenticated_peer: str,
     members: Collection[str],
+    log_id: str,
     caps: Collection[str] = (),
 ) -> Welcome | Refuse:
     """Decide whether the listener accepts a dialler's session.
@@ -80,6 +82,7 @@ def answer_hello(
         cluster_id: this node's cluster id.
         authenticated_peer: the dialler's name from its verified TLS certificate.
         members: names of the cluster's current members.
+        log_id: the change log this (listening) node writes.
         caps: this node's capabilities.
 
     Returns:
@@ -102,7 +105,7 @@ def answer_hello(
         return Refuse(f"node {my_node!r} cannot open a session with itself")
     if authenticated_peer not in members:
         return Refuse(f"node {authenticated_peer!r} is not a member of this cluster")
-    return Welcome(PROTOCOL_VERSION, cluster_id, my_node, negotiate_caps(caps, hello.caps))
+    return Welcome(PROTOCOL_VERSION, cluster_id, my_node, negotiate_caps(caps, hello.caps), log_id)
 
 
 def check_welcome(

@@ -1,18 +1,26 @@
 """The frames of the peer protocol, as values. No I/O and no encoding here.
 
 Each connection is a pull: the dialler sends :class:`Hello`, the listener answers
-:class:`Welcome` or :class:`Refuse`; then the dialler (the receiver of changes)
-subscribes to the listener's change log and grants credit, and fetches blobs by hash.
+:class:`Welcome` or :class:`Refuse`; both name the log this node writes (``log_id``).
+Then the dialler (the receiver of changes) subscribes and grants credit, and fetches
+blobs by hash.
 
     dialler (receiver)                  listener (sender)
     Hello ------------------------------>
           <------------------------------ Welcome | Refuse
-    Subscribe(after_seq, credit) ------->
-          <------------------------------ Changes ... (one per batch of credit)
-    Credit(batches) -------------------->
+    Subscribe(positions, scope, ...) --->        (again whenever the scope changes)
+          <------------------------------ Certs (writers' certificates, once each)
+          <------------------------------ Batch ... (one per unit of credit)
+    Credit(batches, positions) --------->
     Want(hash, offset), BlobCredit ----->
           <------------------------------ Chunk ... End | Missing
     Ping <------------------------------> Pong   (either side)
+
+A subscription names what the receiver holds of every log it knows (``positions``,
+``{log_id: oseq}``) and its scope: ``own`` (only the sender's own log) or ``relay`` (every
+log the sender holds except those in ``exclude``, which the receiver pulls from their
+writers directly). A :class:`Batch` covers, per log, a range ``(after, last]``, dense or
+compacted (:mod:`storage.serve`); its entries are signed by their writers.
 
 The codec (:mod:`replication.codec`) is the only place that turns these into bytes and
 validates what arrives.
@@ -20,36 +28,40 @@ validates what arrives.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeAlias
+from typing import ClassVar, TypeAlias
+
+from storage.rules import NODE_NAME_RE
 
 __all__ = [
     "NODE_NAME_RE",
-    "OPS",
     "PROTOCOL_VERSION",
+    "Batch",
     "BlobCredit",
-    "ChangeEntry",
-    "Changes",
+    "Certs",
     "Chunk",
     "Credit",
     "End",
     "Hello",
+    "LogRange",
     "Message",
     "Missing",
     "Ping",
     "Pong",
     "Refuse",
+    "Scope",
     "Subscribe",
     "Want",
     "Welcome",
+    "WireEntry",
 ]
 
-PROTOCOL_VERSION = 1
-# "append" is how a batch of deployment events travels (storage logs it so).
-OPS = frozenset({"upsert", "delete", "append"})
-# A node name, as in node.name, certificates and frames; match it with ``fullmatch``.
-NODE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+PROTOCOL_VERSION = 2
+
+#: Subscription scopes.
+Scope: TypeAlias = str
+OWN: Scope = "own"
+RELAY: Scope = "relay"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +76,7 @@ class Hello:
     cluster_id: str
     node: str
     caps: tuple[str, ...]
+    log_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +88,7 @@ class Welcome:
     cluster_id: str
     node: str
     caps: tuple[str, ...]
+    log_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,53 +101,73 @@ class Refuse:
 
 @dataclass(frozen=True, slots=True)
 class Subscribe:
-    """Send me your changes after ``after_seq``; you may send ``credit`` batches."""
+    """Send me entries after ``positions`` (``{log_id: oseq}``; a log not named is held
+    from 0) for the logs ``scope`` names; you may send ``credit`` batches.
+
+    Sent after the handshake, and again whenever the receiver's scope changes (the
+    sender then serves the new subscription; credit granted so far is kept).
+    """
 
     TYPE: ClassVar[str] = "subscribe"
-    after_seq: int
+    positions: dict[str, int]
+    scope: str
+    exclude: tuple[str, ...]
     credit: int
 
 
 @dataclass(frozen=True, slots=True)
 class Credit:
-    """The receiver grants ``batches`` more change batches."""
+    """The receiver grants ``batches`` more batches and says how far it now holds the
+    logs that moved (so the sender knows what it may trim)."""
 
     TYPE: ClassVar[str] = "credit"
     batches: int
+    positions: dict[str, int]
 
 
 @dataclass(frozen=True, slots=True)
-class ChangeEntry:
-    """One entry of the sender's change log (not a frame: it travels inside Changes)."""
+class WireEntry:
+    """One signed entry (not a frame: it travels inside a Batch)."""
 
-    seq: int
-    tbl: str
-    key: str
-    version: int
-    origin: str
-    op: str  # "upsert" or "delete"
-    data: dict[str, Any] | list[Any] | None
-    user: str | None
-    t: int
+    log_id: str
+    oseq: int
+    writer: str
+    key_id: str
+    body: bytes
+    sig: bytes
 
 
 @dataclass(frozen=True, slots=True)
-class Changes:
-    """A batch of change-log entries in seq order.
+class LogRange:
+    """What a batch covers of one log: ``(after, last]``, dense or compacted."""
 
-    The batch covers the sender's log range ``(after_seq, last_seq]``: ``last_seq`` is
-    the receiver's next cursor (it may pass entries the sender skipped) and
-    ``after_seq`` lets the receiver see a gap (a batch that starts past its cursor).
-    ``head_seq`` is the sender's newest seq and ``lag_bytes`` the change-data bytes the
-    sender still holds for this receiver after ``last_seq``: together, the lag.
+    log_id: str
+    after: int
+    last: int
+    compacted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Entries of one or more logs, each log covering its declared range.
+
+    ``lag_entries`` and ``lag_bytes``: what the sender still holds for this receiver
+    after this batch (its lag, as the sender sees it).
     """
 
-    TYPE: ClassVar[str] = "changes"
-    entries: tuple[ChangeEntry, ...]
-    last_seq: int
-    head_seq: int
-    after_seq: int = 0
-    lag_bytes: int = 0
+    TYPE: ClassVar[str] = "batch"
+    ranges: tuple[LogRange, ...]
+    entries: tuple[WireEntry, ...]
+    lag_entries: int
+    lag_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Certs:
+    """Certificates (DER) of the writers whose entries follow, sent once per session."""
+
+    TYPE: ClassVar[str] = "certs"
+    certs: tuple[bytes, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +236,8 @@ Message: TypeAlias = (
     | Refuse
     | Subscribe
     | Credit
-    | Changes
+    | Batch
+    | Certs
     | Want
     | Chunk
     | End

@@ -1,13 +1,16 @@
-"""The per-peer pull loop: dial, handshake, subscribe from the stored cursor, apply.
+"""The per-peer pull loop: dial, handshake, subscribe, apply, back off.
 
-This node is the receiver of the peer's change log on the channel it dials. Each
-``Changes`` batch is applied by :func:`storage.apply.apply_changes` in one transaction
-together with the peer's cursor, under the peer's name as the channel authenticated it
-(never a name from a frame); then one batch of credit goes back. A batch that starts
-past the cursor (a gap: reordered or lost delivery) or that storage refuses is a
-protocol violation: the channel closes having applied nothing of it, and the next
-session resumes from the stored cursor. Batches that overlap what was applied are
-applied again, harmlessly (apply is idempotent).
+This node is the receiver on the channel it dials. After the handshake (which names the
+log each side writes) it subscribes with what it holds of every log, in the scope the
+service decides (:meth:`ReplicationService.scope_for`): the peer's own log only, or, on
+the one link chosen as relay, every log the peer holds except those this node pulls from
+their writers directly. Each ``Batch`` is applied by :func:`storage.apply.apply_batch`
+in one transaction under the peer's name as the channel authenticated it (never a name
+from a frame), then one batch of credit goes back with the positions reached. A batch
+whose range starts past what this node holds (a gap) is not applied for that log and
+the subscription is renewed from the true positions; a structurally broken batch is a
+protocol violation that closes the channel, and the next session resumes from the
+stored positions.
 
 The loop reconnects forever with jittered exponential backoff (:class:`Backoff`, a value
 object with the randomness passed in), and pings the peer so that a silent one is
@@ -26,19 +29,33 @@ import structlog
 
 from replication.blobs import BlobReceiver
 from replication.channel import Channel, DialError, Transport
-from replication.errors import HandshakeError, ProtocolError, ReplicationError
+from replication.errors import CertificateError, HandshakeError, ProtocolError, ReplicationError
 from replication.handshake import check_welcome, client_hello
-from replication.messages import Changes, Chunk, Credit, End, Missing, Ping, Pong, Subscribe
+from replication.messages import (
+    Batch,
+    Certs,
+    Chunk,
+    Credit,
+    End,
+    Missing,
+    Ping,
+    Pong,
+    Subscribe,
+)
 from replication.session import CAPS, Clock, Liveness, Settings, heartbeat, race, uncancelled
-from storage.apply import InvalidChange, apply_changes
+from replication.signing import Keyring
+from storage.apply import ApplyReport, InvalidBatch, Range, apply_batch
 from storage.blobs import BlobStore
+from storage.entries import SignedEntry
 from storage.errors import StorageError
-from storage.records import Change
 from storage.store import Store
 
 __all__ = ["Backoff", "ChangeReceiver", "PeerQueue", "PeerState", "PeerStats"]
 
 log = structlog.get_logger(__name__)
+
+#: The scope of a subscription: ``(scope, exclude)``.
+ScopeFor = Callable[[str], tuple[str, tuple[str, ...]]]
 
 
 class PeerState(StrEnum):
@@ -72,12 +89,14 @@ class Backoff:
 class PeerStats:
     """What this node knows about its pull from one peer (kept across sessions)."""
 
-    lag_changes: int | None = None
+    lag_entries: int | None = None
     lag_bytes: int | None = None
-    head_seq: int | None = None
     batches_received: int = 0
-    changes_received: int = 0
-    changes_applied: int = 0
+    entries_received: int = 0
+    entries_applied: int = 0
+    quarantined: int = 0
+    refused: int = 0
+    parked: int = 0
     blob_bytes_received: int = 0
     #: Why the channel is down or the last attempt failed; cleared once it is up.
     last_error: str | None = None
@@ -85,6 +104,9 @@ class PeerStats:
     connected_at_ms: int | None = None
     #: Sessions that were up and then lost (a flapping peer shows here).
     disconnects: int = 0
+    #: The log the peer writes, and when it last changed (a rebuilt data directory).
+    log_id: str | None = None
+    log_changed_at_ms: int | None = None
 
 
 class ChangeReceiver:
@@ -93,54 +115,59 @@ class ChangeReceiver:
     Args:
         store: this node's store.
         peer: the sender's authenticated node name.
-        cursor: the stored cursor for ``peer`` (where the subscription started).
+        peer_log_id: the log the sender writes (its entries need no signature check).
         stats: counters to update.
+        keyring: verifies relayed entries' signatures.
+        max_clock_offset_ms: versions further ahead than this are parked.
     """
 
-    def __init__(self, store: Store, peer: str, cursor: int, stats: PeerStats) -> None:
+    def __init__(
+        self,
+        store: Store,
+        peer: str,
+        peer_log_id: str,
+        stats: PeerStats,
+        *,
+        keyring: Keyring | None,
+        max_clock_offset_ms: int,
+    ) -> None:
         self.store = store
         self.peer = peer
-        self.cursor = cursor
+        self.peer_log_id = peer_log_id
         self.stats = stats
+        self.keyring = keyring
+        self.max_clock_offset_ms = max_clock_offset_ms
 
-    async def on_changes(self, batch: Changes) -> int:
-        """Apply ``batch`` and its cursor in one transaction.
-
-        Returns:
-            How many of its changes were new here.
+    async def on_batch(self, batch: Batch) -> ApplyReport:
+        """Apply ``batch`` and the positions it reaches in one transaction.
 
         Raises:
-            ProtocolError: the batch leaves a gap after the cursor, or holds a change
-                this node will not apply (nothing of it is applied).
+            ProtocolError: the batch's structure is wrong (nothing of it is applied).
             StorageError: the database failed (nothing of it is applied).
         """
-        if batch.after_seq > self.cursor:
-            raise ProtocolError(
-                f"batch from {self.peer!r} starts after seq {batch.after_seq} but this node "
-                f"has applied up to {self.cursor}"
-            )
-        changes = [
-            Change(
-                seq=e.seq, tbl=e.tbl, key=e.key, version=e.version, origin=e.origin, op=e.op,
-                data=e.data, user=e.user, t=e.t,
-            )
-            for e in batch.entries
-        ]  # fmt: skip
+        ranges = [Range(r.log_id, r.after, r.last, r.compacted) for r in batch.ranges]
+        entries = [
+            SignedEntry(e.log_id, e.oseq, e.writer, e.key_id, e.body, e.sig) for e in batch.entries
+        ]
         try:
-            applied = await uncancelled(
-                apply_changes(self.store, self.peer, changes, cursor=batch.last_seq)
-            )
-        except InvalidChange as e:
-            raise ProtocolError(f"{self.peer!r} sent a change this node refuses: {e}") from e
-        self.cursor = max(self.cursor, batch.last_seq)
+            report = await uncancelled(
+                apply_batch(
+                    self.store, self.peer, ranges, entries, verifier=self.keyring,
+                    direct_log=self.peer_log_id, max_clock_offset_ms=self.max_clock_offset_ms,
+                )
+            )  # fmt: skip
+        except InvalidBatch as e:
+            raise ProtocolError(f"{self.peer!r} sent a malformed batch: {e}") from e
         s = self.stats
         s.batches_received += 1
-        s.changes_received += len(changes)
-        s.changes_applied += applied
-        s.head_seq = batch.head_seq
-        s.lag_changes = max(0, batch.head_seq - self.cursor)
+        s.entries_received += len(entries)
+        s.entries_applied += report.applied
+        s.parked += report.parked
+        s.quarantined += sum(1 for r in report.refusals if r.quarantined)
+        s.refused += sum(1 for r in report.refusals if not r.quarantined)
+        s.lag_entries = batch.lag_entries
         s.lag_bytes = batch.lag_bytes
-        return applied
+        return report
 
 
 class PeerQueue:
@@ -154,10 +181,13 @@ class PeerQueue:
         store: this node's store.
         blobs: this node's blob store.
         transport: how to dial.
-        settings: credits, heartbeats, backoff bounds.
+        settings: credits, heartbeats, backoff bounds, clock offset.
         clock: the clock seam.
         rng: randomness for backoff jitter.
-        on_connected: called with the peer's name each time the channel is up.
+        keyring: member certificates (relayed entries are verified against them).
+        scope_for: the subscription scope for this peer, asked at every (re)subscribe.
+        on_change: called with the peer's name when the channel comes up or goes down.
+        on_certs: called with certificates the peer sent (after the keyring took them).
         stats: counters to update (the caller keeps them across queues).
     """
 
@@ -174,7 +204,10 @@ class PeerQueue:
         settings: Settings,
         clock: Clock,
         rng: random.Random,
-        on_connected: Callable[[str], None] = lambda _name: None,
+        keyring: Keyring | None = None,
+        scope_for: ScopeFor = lambda _name: ("own", ()),
+        on_change: Callable[[str], None] = lambda _name: None,
+        on_certs: Callable[[list[bytes]], None] = lambda _ders: None,
         stats: PeerStats | None = None,
     ) -> None:
         self.name, self.url = name, url
@@ -182,13 +215,22 @@ class PeerQueue:
         self.store, self.blobs = store, blobs
         self.transport = transport
         self.settings, self.clock, self.rng = settings, clock, rng
-        self.on_connected = on_connected
+        self.keyring = keyring
+        self.scope_for = scope_for
+        self.on_change = on_change
+        self.on_certs = on_certs
         self.state = PeerState.CONNECTING
         self.stats = stats if stats is not None else PeerStats()
         self.liveness: Liveness | None = None
         self.receiver: BlobReceiver | None = None  # set while connected
         self.backoff = Backoff(settings.reconnect_min_s, settings.reconnect_max_s)
         self.attempt = 0
+        self.peer_log_id: str | None = None
+        #: Set once a batch said there was nothing more to send (this session).
+        self.caught_up = asyncio.Event()
+        self._channel: Channel | None = None
+        self._scope: tuple[str, tuple[str, ...]] | None = None
+        self._excluded: set[str] = set()
 
     def _bytes_in(self, n: int) -> None:
         self.stats.blob_bytes_received += n
@@ -227,7 +269,7 @@ class PeerQueue:
             error, reason = str(e), "handshake refused"
         except ProtocolError as e:
             log.warning("peer_protocol_error", peer=self.name, direction="pull", error=str(e))
-            error, reason, protocol_error = f"protocol error: {e}", str(e), True
+            error, reason, protocol_error = f"protocol error: {e}", str(e)[:100], True
         except (ReplicationError, StorageError, TimeoutError) as e:
             error = str(e) or type(e).__name__
         except Exception as e:  # a bug: say so loudly, but keep the peer's queue alive
@@ -238,34 +280,62 @@ class PeerQueue:
             # handshake, which may take a while with a peer that stopped answering.
             was_up = self.state is PeerState.CONNECTED
             self.state = PeerState.DISCONNECTED
+            self._channel = None
+            self.caught_up.clear()
             if self.receiver is not None:
                 self.receiver.close(f"channel to {self.name!r} ended")
                 self.receiver = None
+            if was_up:
+                self.on_change(self.name)
             await channel.close(reason, protocol_error=protocol_error)
         return error, was_up
+
+    async def resubscribe(self) -> None:
+        """Renew the subscription if its scope changed (or ``force``d by a gap)."""
+        channel = self._channel
+        if channel is None:
+            return
+        scope = self.scope_for(self.name)
+        if scope == self._scope:
+            return
+        await self._subscribe(channel, credit=0)
+
+    async def _subscribe(self, channel: Channel, *, credit: int) -> None:
+        scope, exclude = self._scope = self.scope_for(self.name)
+        await channel.send(
+            Subscribe(
+                positions=self.store.logs.positions(), scope=scope,
+                exclude=tuple(sorted({*exclude, *self._excluded})), credit=credit,
+            )
+        )  # fmt: skip
 
     async def _session(self, channel: Channel) -> None:
         s = self.settings
         liveness = self.liveness = Liveness(self.clock)
         async with asyncio.timeout(s.dead_after_s):
-            await channel.send(client_hello(self.node, self.cluster_id, CAPS))
+            await channel.send(client_hello(self.node, self.cluster_id, CAPS, self.store.log_id))
             welcome = check_welcome(
                 await channel.receive(), expected_node=self.name, cluster_id=self.cluster_id,
                 authenticated_peer=channel.peer, caps=CAPS,
             )  # fmt: skip
         liveness.saw()
-        cursor = await self.store.cursor(self.name)
-        changes = ChangeReceiver(self.store, self.name, cursor, self.stats)
-        await channel.send(Subscribe(after_seq=changes.cursor, credit=s.credit_batches))
+        self._note_log(welcome.log_id)
+        self._excluded = set()
+        changes = ChangeReceiver(
+            self.store, self.name, welcome.log_id, self.stats, keyring=self.keyring,
+            max_clock_offset_ms=int(s.max_clock_offset_s * 1000),
+        )  # fmt: skip
         if "blobs" in welcome.caps:
             self.receiver = BlobReceiver(
                 channel, self.blobs, chunk_credit=s.chunk_credit, on_bytes=self._bytes_in
             )
+        self._channel = channel
         self.state = PeerState.CONNECTED
         self.stats.connected_at_ms = self.clock.wall_ms()
         self.stats.last_error = None  # a stale error next to "connected" would mislead
-        log.info("peer_connected", peer=self.name, url=self.url, cursor=changes.cursor)
-        self.on_connected(self.name)
+        log.info("peer_connected", peer=self.name, url=self.url, log_id=welcome.log_id)
+        self.on_change(self.name)
+        await self._subscribe(channel, credit=s.credit_batches)
         await race(
             self._read(channel, changes, liveness),
             heartbeat(
@@ -274,18 +344,34 @@ class PeerQueue:
             ),
         )  # fmt: skip
 
+    def _note_log(self, log_id: str) -> None:
+        if self.stats.log_id is not None and self.stats.log_id != log_id:
+            # The peer's data directory was rebuilt: its new log starts from nothing,
+            # and what it wrote before is still held (and relayed) by the others.
+            self.stats.log_changed_at_ms = self.clock.wall_ms()
+            log.warning("peer_log_changed", peer=self.name, old=self.stats.log_id, new=log_id)
+        self.stats.log_id = log_id
+        self.peer_log_id = log_id
+
     async def _read(self, channel: Channel, changes: ChangeReceiver, liveness: Liveness) -> None:
         credit_left = self.settings.credit_batches
         while True:
             msg = await channel.receive()
             liveness.saw()
-            if isinstance(msg, Changes):
+            if isinstance(msg, Batch):
                 credit_left -= 1
                 if credit_left < 0:
                     raise ProtocolError("a batch arrived beyond the credit granted")
-                await changes.on_changes(msg)
-                await channel.send(Credit(1))
+                report = await changes.on_batch(msg)
+                moved = {r.log_id: self.store.logs.head(r.log_id) for r in msg.ranges}
+                await channel.send(Credit(1, moved))
                 credit_left += 1
+                if report.gaps or any(not r.quarantined for r in report.refusals):
+                    await self._renew(channel, report)
+                elif msg.lag_entries == 0:
+                    self.caught_up.set()
+            elif isinstance(msg, Certs):
+                self._take_certs(list(msg.certs))
             elif isinstance(msg, Chunk | End | Missing) and self.receiver is not None:
                 await self.receiver.on_frame(msg)
             elif isinstance(msg, Ping):
@@ -294,3 +380,29 @@ class PeerQueue:
                 liveness.pong(msg.t)
             else:
                 raise ProtocolError(f"unexpected {msg.TYPE} frame from {self.name!r}")
+
+    async def _renew(self, channel: Channel, report: ApplyReport) -> None:
+        """After a gap or a refused entry: ask again from what this node holds, and stop
+        taking a log from this peer that it keeps sending refused entries of."""
+        for refusal in report.refusals:
+            if not refusal.quarantined:
+                if refusal.log_id == self.peer_log_id:
+                    raise ProtocolError(f"{self.name!r} sent its own entries unsigned by it")
+                self._excluded.add(refusal.log_id)
+        log.info("subscription_renewed", peer=self.name, gaps=report.gaps,
+                 excluded=sorted(self._excluded))  # fmt: skip
+        await self._subscribe(channel, credit=0)
+
+    def _take_certs(self, ders: list[bytes]) -> None:
+        if self.keyring is None:
+            return
+        accepted = []
+        for der in ders:
+            try:
+                self.keyring.add(der)
+            except CertificateError as e:
+                log.warning("peer_cert_refused", peer=self.name, error=str(e))
+                continue
+            accepted.append(der)
+        if accepted:
+            self.on_certs(accepted)

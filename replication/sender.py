@@ -1,18 +1,20 @@
-"""Serving one subscriber: its changes from this node's log, and the blobs it wants.
+"""Serving one subscriber: entries of the logs it asked for, and the blobs it wants.
 
-The dialler of a channel is the receiver of the listener's change log. After the
-handshake it sends ``Subscribe(after_seq, credit)``; from then on this session:
+The dialler of a channel is the receiver. After the handshake it sends ``Subscribe``
+(what it holds of each log, and the scope: this node's own log only, or every log this
+node holds except those it pulls from their writers directly). From then on this session:
 
-- sends ``Changes`` batches read with :meth:`storage.store.Store.changes_after`,
-  skipping entries the subscriber wrote itself, never more batches in flight than the
-  credit it granted (each applied batch grants one more). When caught up it waits on the
-  change feed's ``changelog`` notices, never polling. Batches are sized to fit the
-  codec's frame limits (bytes and items).
+- sends ``Batch`` frames, never more in flight than the credit granted (each applied
+  batch grants one more). A batch takes entries from the subscribed logs in turn, dense
+  from the change log or compacted from the rows (:mod:`storage.serve`), up to a byte
+  budget that keeps it well inside a frame. When caught up it waits on the change
+  feed, never polling. Before the first entry signed by a key this session has not yet
+  mentioned, the certificate behind it goes out in a ``Certs`` frame.
 - streams each wanted blob as ``Chunk`` frames, one per unit of chunk credit, then
-  ``End`` (or ``Missing``). Change batches always go first: a chunk is sent only when no
-  batch is ready to go, so a large blob never delays row replication by more than one
-  chunk. Several wanted blobs take turns, a chunk each.
-- answers ``Ping`` with ``Pong`` and pings the subscriber in turn.
+  ``End`` (or ``Missing``). Batches always go first: a chunk is sent only when no batch is
+  ready, so a large blob never delays row replication by more than one chunk.
+- answers ``Ping`` with ``Pong`` and pings the subscriber in turn, and reports the
+  positions the subscriber acknowledges (``on_positions``) so trimming knows them.
 
 Anything the subscriber sends out of protocol ends the session with ProtocolError.
 """
@@ -20,7 +22,7 @@ Anything the subscriber sends out of protocol ends the session with ProtocolErro
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -30,35 +32,43 @@ import structlog
 from replication.channel import Channel
 from replication.errors import ProtocolError
 from replication.messages import (
+    RELAY,
+    Batch,
     BlobCredit,
-    ChangeEntry,
-    Changes,
+    Certs,
     Chunk,
     Credit,
     End,
+    LogRange,
     Message,
     Missing,
     Ping,
     Pong,
     Subscribe,
     Want,
+    WireEntry,
 )
 from replication.session import Clock, Liveness, Settings, heartbeat, race
 from storage.blobs import BlobStore
 from storage.changelog import CHANGELOG, Subscription
+from storage.entries import UNSIGNED_KEY_ID
 from storage.errors import BlobMissing
-from storage.records import Change
 from storage.store import Store
 
-__all__ = ["SendStats", "SenderSession", "fit_batch"]
+__all__ = ["SendStats", "SenderSession"]
 
 log = structlog.get_logger(__name__)
 
 # Bounds on what a subscriber may grant: far above what any sane receiver asks for, low
 # enough that counters cannot be pushed to silly values.
 _MAX_CREDIT = 10_000
-# Bytes a Changes frame spends around each entry's data (field names, seq, version, ...).
+# Bytes a Batch spends around each entry (routing fields, array headers).
 _ENTRY_OVERHEAD_BYTES = 160
+
+#: Finds the certificate (DER) behind a key id, or None.
+CertLookup = Callable[[str], bytes | None]
+#: Told the positions a subscriber holds (``{log_id: oseq}``).
+OnPositions = Callable[[str, Mapping[str, int]], None]
 
 
 @dataclass
@@ -66,7 +76,8 @@ class SendStats:
     """What this node sent one peer, across sessions."""
 
     batches_sent: int = 0
-    changes_sent: int = 0
+    entries_sent: int = 0
+    bytes_sent: int = 0
     blob_bytes_sent: int = 0
 
 
@@ -80,92 +91,59 @@ class _Outgoing:
     sent: int = field(default=0)
 
 
-def _items(value: Any) -> int:
-    """Containers' entries in ``value``, as the codec counts them (iteratively)."""
-    count, stack = 0, [value]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            count += len(node)
-            stack.extend(node.values())
-        elif isinstance(node, list | tuple):
-            count += len(node)
-            stack.extend(node)
-    return count
-
-
-def fit_batch(
-    changes: list[Change], last: int, settings: Settings
-) -> tuple[tuple[ChangeEntry, ...], int]:
-    """Cut a run of changes to what one frame can carry.
-
-    Args:
-        changes: entries read after the cursor, in seq order.
-        last: the seq the read covered up to (past skipped entries).
-        settings: frame limits and batch size.
-
-    Returns:
-        The entries to send and the ``last_seq`` the batch covers: ``last`` if all fit,
-        else the seq of the last entry that fits (the rest go in the next batch).
-    """
-    limits = settings.limits
-    budget_bytes = limits.max_frame_bytes * 9 // 10
-    budget_items = limits.max_items * 9 // 10
-    used_bytes, used_items = 256, 16  # the frame's own fields
-    out: list[ChangeEntry] = []
-    for c in changes:
-        size = c.size + len(c.key) + len(c.tbl) + _ENTRY_OVERHEAD_BYTES
-        items = 9 + _items(c.data)
-        if out and (used_bytes + size > budget_bytes or used_items + items > budget_items):
-            return tuple(out), out[-1].seq
-        used_bytes += size
-        used_items += items
-        out.append(
-            ChangeEntry(
-                seq=c.seq, tbl=c.tbl, key=c.key, version=c.version, origin=c.origin, op=c.op,
-                data=c.data, user=c.user, t=c.t,
-            )
-        )  # fmt: skip
-    return tuple(out), last
-
-
 class SenderSession:
     """Serves one authenticated subscriber on one channel until either side stops.
 
     Args:
         channel: the channel, after a successful handshake.
-        store: this node's store (the change log is read from it).
-        blobs: this node's blob store (wanted blobs are read from it).
+        peer_log_id: the subscriber's own log (it is never sent back to it).
+        store: this node's store.
+        blobs: this node's blob store.
         settings: batch sizes, heartbeats, limits.
         clock: the clock seam.
         stats: counters for this peer, kept across sessions by the caller.
+        certs: finds certificates by key id.
+        on_positions: told what the subscriber holds, as it says so.
     """
 
     def __init__(
         self,
         channel: Channel,
         *,
+        peer_log_id: str,
         store: Store,
         blobs: BlobStore,
         settings: Settings,
         clock: Clock,
         stats: SendStats,
+        certs: CertLookup,
+        on_positions: OnPositions,
     ) -> None:
         self.channel = channel
         self.peer = channel.peer
+        self.peer_log_id = peer_log_id
         self.store = store
         self.blobs = blobs
         self.settings = settings
         self.clock = clock
         self.stats = stats
+        self._certs = certs
+        self._on_positions = on_positions
         self.liveness = Liveness(clock)
-        self._after = 0
         self._credit = 0
         self._chunk_credit = 0
-        self._dirty = True  # there may be changes after the cursor to send
+        self._scope = "own"
+        self._exclude: frozenset[str] = frozenset()
+        #: Per served log: the last position sent (or the subscriber's, at first).
+        self._sent: dict[str, int] = {}
+        self._reported: dict[str, int] = {}
+        self._certs_sent: set[str] = set()
+        self._dirty = True
         self._initial = True  # the first batch goes out even if empty: it carries the lag
+        self._turn = 0
         self._wake = asyncio.Event()
         self._transfers: dict[str, _Outgoing] = {}
+        self.lag_entries = 0
 
     def transfers(self) -> list[dict[str, Any]]:
         """Blobs in flight to this subscriber, for status."""
@@ -185,14 +163,8 @@ class SenderSession:
         self.liveness.saw()
         if not isinstance(first, Subscribe):
             raise ProtocolError(f"expected subscribe after the handshake, got {first.TYPE}")
-        self._after, self._credit = first.after_seq, self._bounded(first.credit)
-        head = await self.store.head_seq()
-        if self._after > head:
-            # The subscriber has seen more of this log than it holds (a restored or
-            # replaced data directory): it is served from its cursor once the log grows.
-            log.warning("subscriber_cursor_ahead", peer=self.peer, cursor=self._after, head=head)
-            self._initial = False
-        log.info("subscriber_started", peer=self.peer, after_seq=self._after, head_seq=head)
+        self._subscribe(first)
+        log.info("subscriber_started", peer=self.peer, scope=self._scope)
         s = self.settings
         with self.store.feed.subscribe(lambda n: n.tbl == CHANGELOG, maxsize=1) as sub:
             await race(
@@ -210,6 +182,28 @@ class SenderSession:
             raise ProtocolError(f"credit of {credit} is beyond {_MAX_CREDIT}")
         return credit
 
+    def _subscribe(self, msg: Subscribe) -> None:
+        self._credit = self._bounded(self._credit + msg.credit)
+        self._scope = msg.scope
+        self._exclude = frozenset(msg.exclude)
+        # Serve from what the subscriber says it holds: batches still in flight are
+        # then sent again (it drops what it has), and nothing is ever skipped.
+        self._reported.update(msg.positions)
+        self._sent = {log_id: msg.positions.get(log_id, 0) for log_id in self._served()}
+        self._on_positions(self.peer, msg.positions)
+        self._dirty = True
+
+    def _served(self) -> list[str]:
+        """The logs this subscription covers, right now."""
+        own = self.store.log_id
+        if self._scope != RELAY:
+            return [own]
+        return [
+            info.log_id
+            for info in self.store.logs.all()
+            if info.log_id not in self._exclude and info.log_id != self.peer_log_id
+        ]
+
     async def _watch(self, sub: Subscription) -> None:
         while True:
             await sub.get()
@@ -226,6 +220,11 @@ class SenderSession:
     async def _on(self, msg: Message) -> None:
         if isinstance(msg, Credit):
             self._credit = self._bounded(self._credit + msg.batches)
+            if msg.positions:
+                self._reported.update(msg.positions)
+                self._on_positions(self.peer, msg.positions)
+        elif isinstance(msg, Subscribe):
+            self._subscribe(msg)
         elif isinstance(msg, BlobCredit):
             self._chunk_credit = self._bounded(self._chunk_credit + msg.chunks)
         elif isinstance(msg, Want):
@@ -274,25 +273,73 @@ class SenderSession:
         return True
 
     async def _send_batch(self) -> bool:
-        after = self._after
         self._dirty = False  # a notice arriving from here on sets it again
         s = self.settings
-        changes, last = await self.store.changes_after(
-            after, limit=s.batch_changes, max_bytes=s.batch_bytes, skip_origin=self.peer
-        )
-        if last == after and not self._initial:
+        budget = s.batch_bytes
+        entries: list[WireEntry] = []
+        ranges: list[LogRange] = []
+        served = self._served()
+        for log_id in served:
+            self._sent.setdefault(log_id, self._reported.get(log_id, 0))
+        # Take turns between logs, so one long log does not starve the others.
+        order = served[self._turn % len(served) :] + served[: self._turn % len(served)]
+        self._turn += 1
+        for log_id in order:
+            after = self._sent[log_id]
+            if budget <= 0 or len(entries) >= s.batch_changes:
+                self._dirty = True
+                break
+            chunk = await self.store.read_log(
+                log_id, after, max_entries=s.batch_changes - len(entries), max_bytes=budget
+            )
+            if chunk.last == after:
+                continue
+            ranges.append(LogRange(log_id, after, chunk.last, chunk.compacted))
+            for e in chunk.entries:
+                entries.append(WireEntry(e.log_id, e.oseq, e.writer, e.key_id, e.body, e.sig))
+                budget -= len(e.body) + len(e.sig) + _ENTRY_OVERHEAD_BYTES
+            self._sent[log_id] = chunk.last
+            if chunk.last < self.store.logs.head(log_id):
+                self._dirty = True  # more of this log next time
+        if not ranges and not self._initial:
+            self.lag_entries = 0
             return False
-        entries, last = fit_batch(changes, last, s)
-        head = max(await self.store.head_seq(), last)
-        lag_bytes = await self.store.backlog_bytes(last, skip_origin=self.peer)
-        await self.channel.send(
-            Changes(entries, last_seq=last, head_seq=head, after_seq=after, lag_bytes=lag_bytes)
+        await self._send_certs(entries)
+        self.lag_entries = sum(
+            max(0, self.store.logs.head(log_id) - self._sent.get(log_id, 0)) for log_id in served
         )
-        self._after, self._initial, self._dirty = last, False, True
+        await self.channel.send(
+            Batch(tuple(ranges), tuple(entries), lag_entries=self.lag_entries,
+                  lag_bytes=self._lag_bytes(served))
+        )  # fmt: skip
+        self._initial = False
         self._credit -= 1
         self.stats.batches_sent += 1
-        self.stats.changes_sent += len(entries)
+        self.stats.entries_sent += len(entries)
+        self.stats.bytes_sent += sum(len(e.body) for e in entries)
         return True
+
+    def _lag_bytes(self, served: list[str]) -> int:
+        """An estimate: entries behind times the log's average entry size."""
+        total = 0
+        for log_id in served:
+            info = self.store.logs.get(log_id)
+            if info is None or info.head <= 0:
+                continue
+            behind = max(0, info.head - self._sent.get(log_id, 0))
+            total += behind * info.bytes // max(1, info.head)
+        return total
+
+    async def _send_certs(self, entries: list[WireEntry]) -> None:
+        wanted = {e.key_id for e in entries} - self._certs_sent - {UNSIGNED_KEY_ID}
+        ders = []
+        for key_id in sorted(wanted):
+            der = self._certs(key_id)
+            if der is not None:
+                ders.append(der)
+            self._certs_sent.add(key_id)
+        if ders:
+            await self.channel.send(Certs(tuple(ders)))
 
     async def _send_chunk(self, t: _Outgoing) -> None:
         end = min(t.size, t.pos + self.settings.chunk_bytes)

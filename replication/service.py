@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -27,15 +27,18 @@ from replication.channel import Channel, ChannelClosed, Transport
 from replication.errors import ProtocolError, ReplicationError
 from replication.handshake import answer_hello, expect_hello
 from replication.membership import Membership, PeerAddress
-from replication.messages import Refuse
+from replication.messages import OWN, RELAY, Refuse
 from replication.peer_queue import PeerQueue, PeerState, PeerStats
 from replication.sender import SenderSession, SendStats
 from replication.session import CAPS, SYSTEM_CLOCK, Clock, Settings
+from replication.signing import Keyring
 from storage.accounts import Accounts
+from storage.apply import retry_parked
 from storage.blobs import BlobStore
 from storage.errors import StorageError
 from storage.store import Store
 from storage.tables import MEMBERS
+from storage.trim import TrimPolicy, TrimReport, record_positions, trim
 
 __all__ = ["ReplicationService"]
 
@@ -55,6 +58,11 @@ class ReplicationService:
         settings: tunables.
         clock: the clock seam.
         rng: randomness for backoff jitter (seeded in tests).
+        keyring: member certificates, for verifying relayed entries (None: trust only
+            what each writer sends directly).
+        own_cert: this node's certificate (DER), sent to subscribers with its entries.
+        trim_policy: how long the change log keeps what every member has.
+        maintain_s: how often trimming and parked retries run.
     """
 
     def __init__(
@@ -69,6 +77,10 @@ class ReplicationService:
         settings: Settings | None = None,
         clock: Clock = SYSTEM_CLOCK,
         rng: random.Random | None = None,
+        keyring: Keyring | None = None,
+        own_cert: bytes | None = None,
+        trim_policy: TrimPolicy | None = None,
+        maintain_s: float = 30.0,
     ) -> None:
         self.node = node
         self.store = store
@@ -89,6 +101,14 @@ class ReplicationService:
         self._listeners: list[Callable[[str], None]] = []
         self._connect_event = asyncio.Event()
         self._running = False
+        self.keyring = keyring
+        self._own_cert = own_cert
+        self.trim_policy = trim_policy or TrimPolicy()
+        self._maintain_s = maintain_s
+        #: What each subscriber said it holds, by member and log (for trimming).
+        self._positions: dict[str, dict[str, int]] = {}
+        self.last_trim: TrimReport | None = None
+        self._scope_dirty = asyncio.Event()
         self.fetcher = BlobFetcher(
             blobs, sources=self._sources, wait_for_connect=self._wait_for_connect,
             clock=clock, wait_s=self.settings.fetch_wait_s,
@@ -112,6 +132,8 @@ class ReplicationService:
             await self.transport.close()
             raise
         self._spawn(self._watch_members(), name="replication-members")
+        self._spawn(self._maintain(), name="replication-maintain")
+        self._spawn(self._rescope(), name="replication-scopes")
         log.info("replication_started", node=self.node, peers=sorted(self.membership.peers()))
 
     async def stop(self) -> None:
@@ -182,11 +204,113 @@ class ReplicationService:
             return False
         return True
 
-    def _peer_connected(self, name: str) -> None:
+    def _peer_changed(self, name: str) -> None:
+        """A pull channel came up or went down: scopes may change; wake the waiters."""
+        self._scope_dirty.set()
+        queue = self._queues.get(name)
+        if queue is None or queue[0].state is not PeerState.CONNECTED:
+            return
         event, self._connect_event = self._connect_event, asyncio.Event()
         event.set()
         for callback in self._listeners:
             callback(name)
+
+    # -- subscription scopes ----------------------------------------------------------
+
+    def scope_for(self, name: str) -> tuple[str, tuple[str, ...]]:
+        """The scope of this node's subscription to peer ``name``.
+
+        Each writer's log comes from the writer itself while this node is connected to
+        it. Every other log (a writer out of reach, a log from before a node was
+        rebuilt, a member not yet dialled) comes from one relay: the first connected
+        peer by name, asked for everything except the logs pulled directly. So each
+        entry crosses each link once, and a node never pulls the same state from every
+        peer at once.
+        """
+        connected = sorted(
+            (n, q.peer_log_id)
+            for n, (q, _) in self._queues.items()
+            if q.state is PeerState.CONNECTED and q.peer_log_id is not None
+        )
+        if not connected or connected[0][0] != name:
+            return (OWN, ())
+        return (RELAY, tuple(sorted(log_id for n, log_id in connected if n != name)))
+
+    async def _rescope(self) -> None:
+        while True:
+            await self._scope_dirty.wait()
+            self._scope_dirty.clear()
+            for queue, _ in list(self._queues.values()):
+                try:
+                    await queue.resubscribe()
+                except ReplicationError as e:  # that channel is going down anyway
+                    log.debug("resubscribe_failed", peer=queue.name, error=str(e))
+
+    def _note_positions(self, member: str, positions: Mapping[str, int]) -> None:
+        held = self._positions.setdefault(member, {})
+        for log_id, oseq in positions.items():
+            if oseq > held.get(log_id, -1):
+                held[log_id] = oseq
+
+    def _cert_der(self, key_id: str) -> bytes | None:
+        if self.keyring is not None and (known := self.keyring.get(key_id)) is not None:
+            return known.der
+        return None
+
+    def _persist_certs(self, ders: list[bytes]) -> None:
+        self._spawn(self._store_certs(ders), name="replication-certs")
+
+    async def _store_certs(self, ders: list[bytes]) -> None:
+        if self.keyring is None:
+            return
+        for der in ders:
+            known = self.keyring.add(der)
+            await self.store.put_cert(
+                known.key_id, known.node, der, known.not_before_ms, known.not_after_ms
+            )
+
+    # -- maintenance --------------------------------------------------------------------
+
+    async def maintain_once(self) -> TrimReport:
+        """Record members' positions, trim the change log, retry parked entries."""
+        for member, positions in list(self._positions.items()):
+            await record_positions(self.store, member, positions)
+        report = await trim(self.store, self.membership.peers(), self.trim_policy)
+        self.last_trim = report
+        if report.total:
+            log.info("changelog_trimmed", by_members=report.by_members, by_age=report.by_age,
+                     by_size=report.by_size, remaining=report.remaining)  # fmt: skip
+        await retry_parked(
+            self.store, max_clock_offset_ms=int(self.settings.max_clock_offset_s * 1000)
+        )
+        return report
+
+    async def _maintain(self) -> None:
+        while True:
+            await self.clock.sleep(self._maintain_s)
+            try:
+                await self.maintain_once()
+            except StorageError as e:
+                log.error("replication_maintenance_failed", error=str(e))
+
+    async def caught_up(self, timeout_s: float) -> bool:
+        """Wait until some peer has sent everything it holds for this node (a node
+        joining a cluster waits so before creating anything that may already exist)."""
+        deadline = self.clock.monotonic() + timeout_s
+        while (left := deadline - self.clock.monotonic()) > 0:
+            waits = [asyncio.ensure_future(q.caught_up.wait()) for q, _ in self._queues.values()]
+            if not waits:
+                return False
+            try:
+                done, _ = await asyncio.wait(
+                    waits, timeout=min(left, 0.5), return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                for w in waits:
+                    w.cancel()
+            if done:
+                return True
+        return False
 
     # -- membership -------------------------------------------------------------------
 
@@ -218,7 +342,8 @@ class ReplicationService:
         queue = PeerQueue(
             name, url, node=self.node, cluster_id=self.cluster_id, store=self.store,
             blobs=self.blobs, transport=self.transport, settings=self.settings,
-            clock=self.clock, rng=self.rng, on_connected=self._peer_connected,
+            clock=self.clock, rng=self.rng, keyring=self.keyring, scope_for=self.scope_for,
+            on_change=self._peer_changed, on_certs=self._persist_certs,
             stats=self._received.setdefault(name, PeerStats()),
         )  # fmt: skip
         task = asyncio.create_task(queue.run(), name=f"peer-{name}")
@@ -256,7 +381,7 @@ class ReplicationService:
             return
         answer = answer_hello(
             hello, my_node=self.node, cluster_id=self.cluster_id, authenticated_peer=peer,
-            members=self.membership.peers(), caps=CAPS,
+            members=self.membership.peers(), log_id=self.store.log_id, caps=CAPS,
         )  # fmt: skip
         try:
             await channel.send(answer)
@@ -270,8 +395,10 @@ class ReplicationService:
         if old is not None:  # the peer redialled before this side saw the old one die
             await old.channel.close("replaced by a new session")
         session = SenderSession(
-            channel, store=self.store, blobs=self.blobs, settings=self.settings,
-            clock=self.clock, stats=self._sent.setdefault(peer, SendStats()),
+            channel, peer_log_id=hello.log_id, store=self.store, blobs=self.blobs,
+            settings=self.settings, clock=self.clock,
+            stats=self._sent.setdefault(peer, SendStats()), certs=self._cert_der,
+            on_positions=self._note_positions,
         )  # fmt: skip
         self._inbound[peer] = session
         log.info("subscriber_connected", peer=peer, remote=channel.remote)
@@ -303,7 +430,7 @@ class ReplicationService:
                 for live in (queue.liveness if queue else None, inbound and inbound.liveness)
                 if live
             ]
-            st = self._received.get(name)
+            st = self._received.get(name) or PeerStats()
             transfers = (queue.receiver.transfers() if queue and queue.receiver else []) + (
                 inbound.transfers() if inbound else []
             )
@@ -312,25 +439,44 @@ class ReplicationService:
                 "url": url,
                 "state": str(queue.state if queue else PeerState.DISCONNECTED),
                 "last_seen": max(seen) if seen else None,
-                "lag_changes": st.lag_changes if st else None,
-                "lag_bytes": st.lag_bytes if st else None,
+                "lag_changes": st.lag_entries,
+                "lag_bytes": st.lag_bytes,
                 "transfers": transfers,
-                "last_error": st.last_error if st else None,
-                "last_error_at": st.last_error_at_ms if st else None,
-                "disconnects": st.disconnects if st else 0,
+                "last_error": st.last_error,
+                "last_error_at": st.last_error_at_ms,
+                "disconnects": st.disconnects,
                 "inbound": inbound is not None,
                 "rtt_ms": queue.liveness.rtt_ms if queue and queue.liveness else None,
-                "changes_received": st.changes_received if st else 0,
-                "changes_applied": st.changes_applied if st else 0,
-                "blob_bytes_received": st.blob_bytes_received if st else 0,
-                "changes_sent": sent.changes_sent,
+                "log_id": st.log_id,
+                "log_changed_at": st.log_changed_at_ms,
+                "scope": queue.scope_for(name)[0] if queue else None,
+                "changes_received": st.entries_received,
+                "changes_applied": st.entries_applied,
+                "quarantined": st.quarantined,
+                "refused": st.refused,
+                "parked": st.parked,
+                "blob_bytes_received": st.blob_bytes_received,
+                "changes_sent": sent.entries_sent,
                 "blob_bytes_sent": sent.blob_bytes_sent,
+                "sending_lag_changes": inbound.lag_entries if inbound else None,
             })  # fmt: skip
+        trim_report = self.last_trim
+        held_back = trim_report.held_back_by if trim_report else {}
         return {
             "node": self.node,
             "cluster_id": self.cluster_id,
-            "head_seq": await self.store.head_seq(),
+            "log_id": self.store.log_id,
+            "head_seq": self.store.logs.own_head,
             "blob_bytes_received": sum(r.blob_bytes_received for r in self._received.values()),
             "blob_bytes_sent": sum(s.blob_bytes_sent for s in self._sent.values()),
+            "changelog": {
+                "entries": trim_report.remaining if trim_report else None,
+                "trimmed_by_members": trim_report.by_members if trim_report else 0,
+                "trimmed_by_age": trim_report.by_age if trim_report else 0,
+                "trimmed_by_size": trim_report.by_size if trim_report else 0,
+                "held_back_by": {
+                    log_id: {"member": m, "position": pos} for log_id, (m, pos) in held_back.items()
+                },
+            },
             "peers": peers,
         }

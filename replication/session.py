@@ -60,6 +60,8 @@ class Settings:
     fetch_wait_s: float = 10.0
     #: Blobs one subscriber may have in flight at once on the sender.
     max_transfers: int = 16
+    #: A change whose version is further ahead of this node's clock is parked.
+    max_clock_offset_s: float = 60.0
     limits: FrameLimits = field(default=DEFAULT_LIMITS)
 
     def __post_init__(self) -> None:

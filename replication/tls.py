@@ -41,6 +41,7 @@ __all__ = [
     "cluster_id_for_ca",
     "init_ca",
     "issue_node_cert",
+    "load_node_pair",
     "node_name_from_cert",
 ]
 
@@ -209,6 +210,15 @@ def node_name_from_cert(der_or_pem: bytes) -> str:
         CertificateError: the bytes are not a certificate or name no valid node.
     """
     return _name_of(_parse_cert(der_or_pem))
+
+
+def load_node_pair(cert: Path, key: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """Load a node's certificate and its matching private key.
+
+    Raises:
+        CertificateError: unreadable, not PEM, or the key does not match.
+    """
+    return _load_pair(cert, key, "certificate")
 
 
 def cluster_id_for_ca(ca_pem: bytes) -> str:

@@ -19,8 +19,16 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
-from contextlib import aclosing
+from collections import Counter
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+)
+from contextlib import aclosing, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,6 +151,56 @@ class BlobStore:
         self._blobs = self.root / "sha256"
         self._tmp = self.root / "tmp"
         self._partials = PartialFetches(self.root / "partial", self.path, faults)
+        self._held: Counter[str] = Counter()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._lock_users: Counter[str] = Counter()
+
+    # -- in use -------------------------------------------------------------------------
+
+    @contextmanager
+    def holding(self, hash: str) -> Iterator[None]:
+        """Mark blob ``hash`` in use for the ``with`` block: an ingest that is about to
+        record it, a stage reading it, a download streaming it. A held blob is never
+        deleted (:meth:`delete_unused` skips it)."""
+        self._held[check_hash(hash)] += 1
+        try:
+            yield
+        finally:
+            self._held[hash] -= 1
+            if self._held[hash] <= 0:
+                del self._held[hash]
+
+    def held(self, hash: str) -> bool:
+        return self._held.get(hash, 0) > 0
+
+    @asynccontextmanager
+    async def _locked(self, hash: str) -> AsyncIterator[None]:
+        """One step at a time per hash (install of an ingest, delete); the lock lives
+        only while someone uses it."""
+        lock = self._locks.get(hash)
+        if lock is None:
+            lock = self._locks[hash] = asyncio.Lock()
+        self._lock_users[hash] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._lock_users[hash] -= 1
+            if self._lock_users[hash] <= 0:
+                del self._lock_users[hash]
+                del self._locks[hash]
+
+    async def delete_unused(self, hash: str, unused: Callable[[], Awaitable[bool]]) -> int:
+        """Delete blob ``hash`` if nothing holds it and ``unused()`` still says so; the
+        check and the delete are one step against ingests of the same bytes.
+
+        Returns:
+            Bytes freed (0 when kept or absent).
+        """
+        async with self._locked(hash):
+            if self.held(hash) or not await unused():
+                return 0
+            return await self.delete(hash)
 
     def path(self, hash: str) -> Path:
         """Where blob ``hash`` lives, present or not."""
@@ -168,7 +226,9 @@ class BlobStore:
         """The sha256 of every stored blob, sorted. Walks the tree: O(blobs)."""
         return sorted(e.name for p, e in self._entries() if self._is_blob(p, e))
 
-    async def ingest(self, chunks: AsyncIterable[bytes], *, max_bytes: int) -> BlobInfo:
+    async def ingest(
+        self, chunks: AsyncIterable[bytes], *, max_bytes: int, hold: bool = False
+    ) -> BlobInfo:
         """Stream ``chunks`` into the store, hashing as they arrive; identical payloads
         are stored once. Memory stays at about two 4 MiB batches whatever the size: one
         batch is hashed and written in threads while the next is collected.
@@ -176,6 +236,8 @@ class BlobStore:
         Args:
             chunks: the payload bytes, in order.
             max_bytes: the largest payload accepted.
+            hold: return with the blob held (see :meth:`holding`); the caller releases
+                it with :meth:`release` once a row references it.
 
         Returns:
             The blob's sha256 and size.
@@ -201,13 +263,22 @@ class BlobStore:
                     batch, batched = [], 0
             await sink.feed(batch)
             info = BlobInfo(await sink.seal(), size)
-            await in_thread(self._install, sink, info)
+            async with self._locked(info.hash):
+                await in_thread(self._install, sink, info)
+                if hold:
+                    self._held[info.hash] += 1
             return info
         except BaseException:
             await sink.abort()
             raise
 
-    async def ingest_file(self, path: Path, *, max_bytes: int) -> BlobInfo:
+    def release(self, hash: str) -> None:
+        """Release a hold taken by ``ingest(..., hold=True)``."""
+        self._held[hash] -= 1
+        if self._held[hash] <= 0:
+            del self._held[hash]
+
+    async def ingest_file(self, path: Path, *, max_bytes: int, hold: bool = False) -> BlobInfo:
         """Copy a local file into the store; same contract as :meth:`ingest`.
 
         Raises:
@@ -219,7 +290,7 @@ class BlobStore:
             if os.fstat(fd).st_size > max_bytes:
                 raise BlobTooLarge(f"payload exceeds {max_bytes} bytes")
             async with aclosing(self._fd_chunks(fd)) as chunks:
-                return await self.ingest(chunks, max_bytes=max_bytes)
+                return await self.ingest(chunks, max_bytes=max_bytes, hold=hold)
         finally:
             os.close(fd)
 

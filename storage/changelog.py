@@ -1,8 +1,7 @@
-"""The change log, peer cursors, and the change feed.
+"""Write transactions and the change feed.
 
-Every write to a replicated table appends one entry to ``changelog`` in the same
-transaction (:meth:`Tx.log`). Peers pull entries after their stored cursor; the
-receiver commits its cursor in the same transaction as the changes it applied.
+:class:`Tx` is an open write transaction plus what it must do once it commits: publish
+its notices, and update the in-memory view of the change logs (:mod:`storage.logstate`).
 
 :class:`ChangeFeed` is the in-process notification fired after each commit, for local
 writes and applied remote changes alike: the deploy coordinator, reconciler, SSE streams
@@ -19,37 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiosqlite
-import msgpack
 
-from storage.records import Change, Notice
+from storage.records import Notice
 
-__all__ = ["ChangeFeed", "Subscription", "Tx", "decode_change", "encode_data"]
+__all__ = ["CHANGELOG", "ChangeFeed", "Subscription", "Tx"]
 
-#: Notice table name published whenever the change log grew.
+#: Notice table name published whenever a change log grew.
 CHANGELOG = "changelog"
-
-
-def encode_data(data: Any) -> bytes:
-    """Pack a change's data for the ``changelog.data`` column."""
-    packed: bytes = msgpack.packb(data, use_bin_type=True)
-    return packed
-
-
-def decode_change(row: Any) -> Change:
-    """Build a :class:`Change` from a ``changelog`` row."""
-    raw = bytes(row["data"])
-    return Change(
-        seq=int(row["seq"]),
-        tbl=row["tbl"],
-        key=row["key"],
-        version=int(row["version"]),
-        origin=row["origin"],
-        op=row["op"],
-        data=msgpack.unpackb(raw, raw=False),
-        user=row["user"],
-        t=int(row["t"]),
-        size=len(raw),
-    )
 
 
 class Subscription:
@@ -124,61 +99,18 @@ class ChangeFeed:
 
 @dataclass
 class Tx:
-    """An open write transaction plus the notices to publish once it commits."""
+    """An open write transaction, the notices to publish once it commits, and callbacks
+    to run after the commit (never after a rollback)."""
 
     conn: aiosqlite.Connection
     now_ms: int
     notices: list[Notice] = field(default_factory=list)
+    after_commit: list[Callable[[], None]] = field(default_factory=list)
+    #: Entries appended to any change log in this transaction.
     logged: int = 0
-
-    async def log(
-        self,
-        tbl: str,
-        key: str,
-        *,
-        version: int,
-        origin: str,
-        op: str,
-        data: Any,
-        user: str | None = None,
-        t: int | None = None,
-    ) -> None:
-        """Append a change-log entry in this transaction.
-
-        ``t`` is when the change was made: now for a local write, the writer's time for
-        a change applied from a peer (so the audit log reads the same on every node).
-        """
-        await self.conn.execute(
-            "INSERT INTO changelog (tbl, key, version, origin, op, data, user, t) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                tbl,
-                key,
-                version,
-                origin,
-                op,
-                encode_data(data),
-                user,
-                self.now_ms if t is None else t,
-            ),
-        )
-        self.logged += 1
-
-    async def log_many(
-        self, entries: list[tuple[str, str, int, str, str, Any, str | None, int]]
-    ) -> None:
-        """Append many entries ``(tbl, key, version, origin, op, data, user, t)`` in order."""
-        if not entries:
-            return
-        await self.conn.executemany(
-            "INSERT INTO changelog (tbl, key, version, origin, op, data, user, t) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (tbl, key, v, o, op, encode_data(data), user, t)
-                for tbl, key, v, o, op, data, user, t in entries
-            ],
-        )
-        self.logged += len(entries)
+    #: Logs whose state this transaction changed (``log_id`` → LogInfo), written once
+    #: just before the commit (see :class:`storage.logstate.LogState`).
+    logs: dict[str, Any] = field(default_factory=dict)
 
     def notify(self, notice: Notice) -> None:
         self.notices.append(notice)

@@ -1,8 +1,16 @@
-"""The SQLite database: open, pragmas, numbered migrations, one writer, one reader.
+"""The SQLite database: open, pragmas, numbered migrations, one writer, a pool of readers.
 
 WAL mode with ``synchronous=FULL``: a committed transaction survives power loss, and
 readers never block the writer. All writes go through :meth:`Database.write`, which
 serialises them on one connection with an asyncio lock and keeps each transaction short.
+
+Reads run on a small pool of threads, each with its own connection. A read is one call
+into its thread that executes, fetches every row and closes the cursor before it
+returns, so no statement is ever left open on a reader: a read transaction always ends,
+even when the awaiting task is cancelled (the thread finishes the read regardless), and
+the next read on that connection sees every commit made before it started. Reads do not
+queue behind each other up to the pool's size.
+
 sqlite3 errors are translated to :class:`~storage.errors.StorageError` here.
 """
 
@@ -11,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
@@ -57,18 +66,66 @@ async def _connect(path: Path) -> aiosqlite.Connection:
     return conn
 
 
-class Database:
-    """One writer connection (behind a lock) and one reader connection."""
+class _Readers:
+    """Reader connections, made when the database opens, each used by one thread at a
+    time: a read takes a free connection, runs start to finish in a worker thread, and
+    gives the connection back only when that thread is done with it (also when the
+    awaiting task was cancelled meanwhile)."""
 
-    def __init__(self, path: Path, writer: aiosqlite.Connection, reader: aiosqlite.Connection):
+    def __init__(self, path: Path, size: int) -> None:
+        self._conns = [self._connect(path) for _ in range(size)]
+        self._free: asyncio.Queue[sqlite3.Connection] = asyncio.Queue()
+        for conn in self._conns:
+            self._free.put_nowait(conn)
+        self._pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix="cairn-read")
+
+    @staticmethod
+    def _connect(path: Path) -> sqlite3.Connection:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA busy_timeout=10000")
+        conn.execute("PRAGMA query_only=ON")
+        return conn
+
+    @staticmethod
+    def _read(conn: sqlite3.Connection, sql: str, params: tuple[object, ...]) -> list[sqlite3.Row]:
+        cur = conn.execute(sql, params)
+        try:
+            return cur.fetchall()
+        finally:
+            cur.close()
+
+    async def read(self, sql: str, params: tuple[object, ...]) -> list[sqlite3.Row]:
+        conn = await self._free.get()
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self._pool, self._read, conn, sql, params)
+
+        def done(f: asyncio.Future[list[sqlite3.Row]]) -> None:
+            self._free.put_nowait(conn)
+            if not f.cancelled():
+                f.exception()  # seen here too: a caller cancelled meanwhile never sees it
+
+        fut.add_done_callback(done)
+        return await asyncio.shield(fut)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        for conn in self._conns:
+            conn.close()
+
+
+class Database:
+    """One writer connection (behind a lock) and a pool of reader connections.
+
+    Args:
+        readers: how many reads may run at once.
+    """
+
+    def __init__(self, path: Path, writer: aiosqlite.Connection, *, readers: int = 4) -> None:
         self.path = path
         self._writer = writer
-        self._reader = reader
+        self._readers = _Readers(path, readers)
         self._lock = asyncio.Lock()
-        # One read at a time from execute to the last row: while a statement is open the
-        # reader connection stays in its read transaction, and a read interleaved with it
-        # would see that old snapshot, not what was committed since (read-your-writes).
-        self._read_lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: Path, *, upto: int | None = None) -> Database:
@@ -87,24 +144,22 @@ class Database:
             writer = await _connect(path)
             try:
                 await _migrate(writer, upto)
-                reader = await _connect(path)
             except BaseException:
                 await writer.close()
                 raise
         except sqlite3.Error as e:
             raise StorageError(f"cannot open database {path}: {e}") from e
-        return cls(path, writer, reader)
+        return cls(path, writer)
 
     async def close(self) -> None:
-        """Close both connections (the WAL is checkpointed by SQLite)."""
+        """Close every connection (the WAL is checkpointed by SQLite)."""
         async with self._lock:
-            await self._reader.close()
+            await asyncio.to_thread(self._readers.close)
             await self._writer.close()
 
     async def schema_version(self) -> int:
         """The ``user_version`` of the open database."""
-        async with self._read_lock, self._reader.execute("PRAGMA user_version") as cur:
-            row = await cur.fetchone()
+        row = await self.fetchone("PRAGMA user_version")
         return int(row[0]) if row else 0
 
     @asynccontextmanager
@@ -136,10 +191,9 @@ class Database:
                     raise StorageError(str(e)) from e
 
     async def fetchall(self, sql: str, params: tuple[object, ...] = ()) -> list[sqlite3.Row]:
-        """Run a read-only query on the reader connection."""
+        """Run a read-only query on a reader connection (a short read that always ends)."""
         try:
-            async with self._read_lock, self._reader.execute(sql, params) as cur:
-                return list(await cur.fetchall())
+            return await self._readers.read(sql, params)
         except sqlite3.Error as e:
             raise StorageError(str(e)) from e
 

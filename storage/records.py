@@ -12,10 +12,10 @@ from typing import Any
 
 __all__ = [
     "TERMINAL",
-    "Change",
     "Deployment",
     "DeploymentStatus",
     "Event",
+    "LogInfo",
     "Member",
     "NodeResult",
     "NodeStatus",
@@ -70,6 +70,7 @@ class NodeStatus(StrEnum):
     FAILED = "failed"
     DISCARDED = "discarded"
     SUPERSEDED = "superseded"
+    ROLLED_BACK = "rolled_back"
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,13 +93,14 @@ class Deployment:
     replicated: bool
     ignore_replication_errors: bool
     timeout_ms: int
-    deadline_at: int | None
     started_at: int
     completed_at: int | None
     user: str | None
     rollback_of: str | None
+    superseded_by: str | None
     error: dict[str, Any] | None
-    pinned: bool
+    #: The version the row was created at: deploys of a project are ordered by it.
+    created_version: int
     version: int
     origin: str
 
@@ -168,19 +170,19 @@ class Member:
 
 
 @dataclass(frozen=True, slots=True)
-class Change:
-    """One change-log entry; ``data`` is the row (or batch of events) it wrote."""
+class LogInfo:
+    """A change log this node holds entries of (the local ``logs`` table).
 
-    seq: int
-    tbl: str
-    key: str
-    version: int
-    origin: str
-    op: str
-    data: Any
-    user: str | None
-    t: int
-    size: int = 0
+    ``head``: every entry up to it has been received here. ``held_from``: the local
+    change log holds every entry from it up to ``head``; older ones were trimmed (or
+    arrived compacted) and are served from the rows they wrote.
+    """
+
+    log_id: str
+    writer: str
+    head: int
+    held_from: int
+    bytes: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,9 +1,14 @@
 """The store: every replicated and local row of a node, behind typed async methods.
 
-One method writes a replicated row: it ticks the hybrid clock, writes the row and appends
-its change-log entry in one transaction, then publishes a :class:`Notice` on the change
-feed once the transaction has committed. Remote changes are applied by
-:mod:`storage.apply` through the same primitives.
+One method writes a replicated row (:meth:`Store.put_row`): it ticks the hybrid clock,
+appends a signed entry to this node's own change log, writes the row with that entry's
+envelope, and records who did it in the audit log, all in one transaction; the
+transaction's notices go out on the change feed once it has committed. Changes from
+peers are applied by :mod:`storage.apply` through the same tables.
+
+The deployment-shaped reads and writes live in :mod:`storage.deployrows`, what senders
+read in :mod:`storage.serve`, the audit log in :mod:`storage.audit`; :class:`Store`
+mixes them together.
 """
 
 from __future__ import annotations
@@ -13,47 +18,64 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from storage import events as ev
+import structlog
+
+from storage.audit import AuditLog
 from storage.changelog import CHANGELOG, ChangeFeed, Tx
 from storage.db import Database
+from storage.deployrows import DeploymentRows
+from storage.entries import (
+    UNSIGNED,
+    UNSIGNED_KEY_ID,
+    Entry,
+    EntryError,
+    Signer,
+    encode_body,
+    log_writer,
+    new_log_id,
+    signing_message,
+)
 from storage.errors import StorageError
 from storage.hlc import HybridClock
-from storage.listing import DeploymentFilter, decode_cursor, encode_cursor
-from storage.logreads import ChangeLogReads
-from storage.records import (
-    TERMINAL,
-    Deployment,
-    DeploymentStatus,
-    Event,
-    NodeResult,
-    Notice,
-    Page,
-    status_rank,
-)
-from storage.tables import (
-    DEPLOYMENTS,
-    NODE_RESULTS,
-    PAYLOAD_DROPS,
-    TableSpec,
-    deployment_from,
-    result_from,
-)
+from storage.logstate import LogState
+from storage.records import LogInfo, Notice
+from storage.rowrules import check_row
+from storage.rules import RuleError
+from storage.serve import LogReads
+from storage.tables import DEPLOYMENTS, EVENT_BATCHES, REPLICATED, TableSpec
 
-__all__ = ["DeploymentFilter", "Store", "TransitionError"]
+__all__ = ["InvalidRow", "Store", "TransitionError"]
+
+log = structlog.get_logger(__name__)
 
 
 class TransitionError(StorageError):
-    """A write would move a deployment backwards or out of a terminal status."""
+    """A write would move a deployment backwards or change a finished one."""
 
 
-class Store(ChangeLogReads):
+class InvalidRow(StorageError):
+    """A row this node was about to write breaks the record's rules (a bug upstream)."""
+
+
+class Store(DeploymentRows, LogReads, AuditLog):
     """All of a node's rows. Construct with :meth:`open`."""
 
-    def __init__(self, db: Database, *, node: str, clock: HybridClock, feed: ChangeFeed):
+    def __init__(
+        self,
+        db: Database,
+        *,
+        node: str,
+        clock: HybridClock,
+        feed: ChangeFeed,
+        logs: LogState,
+        signer: Signer,
+    ) -> None:
         self.db = db
         self.node = node
         self.clock = clock
         self.feed = feed
+        self.logs = logs
+        self.signer = signer
 
     @classmethod
     async def open(
@@ -63,17 +85,53 @@ class Store(ChangeLogReads):
         node: str,
         clock: HybridClock | None = None,
         feed: ChangeFeed | None = None,
+        signer: Signer = UNSIGNED,
     ) -> Store:
-        """Open the database at ``path`` (migrating it) and seed the clock from it."""
+        """Open (or create) the database at ``path``, migrate it, and get it ready.
+
+        The first open makes this database's log id. A node renamed since (or a data
+        directory given to another node) gets a new log: a log has one writer.
+        """
         db = await Database.open(path)
-        store = cls(db, node=node, clock=clock or HybridClock(), feed=feed or ChangeFeed())
-        row = await db.fetchone("SELECT MAX(version) AS v FROM changelog")
-        if row is not None and row["v"] is not None:
-            store.clock.observe(int(row["v"]))
+        try:
+            meta = {r["key"]: r["value"] for r in await db.fetchall("SELECT * FROM meta")}
+            log_id = meta.get("log_id")
+            fresh = log_id is None or log_writer(log_id) != node
+            if fresh:
+                log_id = new_log_id(node)
+            assert log_id is not None
+            logs = await LogState.load(db, log_id, node)
+            store = cls(
+                db, node=node, clock=clock or HybridClock(), feed=feed or ChangeFeed(),
+                logs=logs, signer=signer,
+            )  # fmt: skip
+            if fresh:
+                async with store.tx() as tx:
+                    await store._set_meta(tx, "log_id", log_id)
+                    logs.put(tx, LogInfo(log_id, node, 0, 1, 0))
+                log.info("change_log_created", node=node, log_id=log_id)
+            await store._seed_clock()
+            if meta.get("desired_for") != node:
+                await store.rebuild_desired()
+                await store.set_meta("desired_for", node)
+        except BaseException:
+            await db.close()
+            raise
         return store
+
+    async def _seed_clock(self) -> None:
+        for spec in REPLICATED.values():
+            row = await self.db.fetchone(f"SELECT MAX(version) AS v FROM {spec.name}")
+            if row is not None and row["v"] is not None:
+                self.clock.observe(int(row["v"]))
 
     async def close(self) -> None:
         await self.db.close()
+
+    @property
+    def log_id(self) -> str:
+        """This node's own change log."""
+        return self.logs.own
 
     @asynccontextmanager
     async def tx(self) -> AsyncIterator[Tx]:
@@ -81,6 +139,9 @@ class Store(ChangeLogReads):
         async with self.db.write() as conn:
             tx = Tx(conn, self.clock.now_ms())
             yield tx
+            await self.logs.flush(tx)
+        for callback in tx.after_commit:
+            callback()
         if tx.logged:
             tx.notices.append(Notice(CHANGELOG, ""))
         self.feed.publish(tx.notices)
@@ -95,24 +156,78 @@ class Store(ChangeLogReads):
         *,
         user: str | None = None,
         create: bool = False,
+        op: str = "upsert",
+        extra: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Write ``row`` as a new local version and log it. Returns the stored row.
+        """Write ``row`` as a new version by this node, signed and logged.
 
-        With ``create``, the row must not exist yet (a conflict raises StorageError).
+        Args:
+            tx: the open transaction.
+            spec: the table.
+            row: the row's data columns (``version`` and ``origin`` are set here).
+            user: who asked for the change (the audit log's user).
+            create: the row must not exist yet (a conflict raises StorageError).
+            op: ``upsert``, or ``append`` for an event batch.
+            extra: more fields for the entry's data than the row's columns (an event
+                batch carries its events).
+
+        Returns:
+            The row as stored.
+
+        Raises:
+            InvalidRow: the row breaks the record's rules.
         """
-        row = dict(row, version=self.clock.tick(), origin=self.node)
+        version = self.clock.tick()
+        row = dict(row, version=version, origin=self.node)
+        if spec is DEPLOYMENTS and create:
+            row["created_version"] = version
+        try:
+            check_row(spec, row)
+        except (RuleError, KeyError) as e:
+            raise InvalidRow(f"refusing to write a bad {spec.name} row: {e}") from e
+        data = spec.data(row)
+        if extra:
+            data.update(extra)
+        envelope = await self.append_own(tx, spec.name, spec.key(row), version, op, data, user)
         sql = spec.insert_sql() if create else spec.upsert_sql()
-        await tx.conn.execute(sql, spec.to_sql(row))
-        await tx.log(
-            spec.name,
-            spec.key(row),
-            version=row["version"],
-            origin=self.node,
-            op="upsert",
-            data=row,
-            user=user,
-        )
+        await tx.conn.execute(sql, spec.to_sql(row, envelope))
+        if spec is not EVENT_BATCHES:
+            await self.audit(tx, spec.name, spec.key(row), row, self.node, version, user, tx.now_ms)
+        if spec is DEPLOYMENTS:
+            await self.note_deployment(tx, row)
         return row
+
+    async def append_own(
+        self,
+        tx: Tx,
+        tbl: str,
+        key: str,
+        version: int,
+        op: str,
+        data: dict[str, Any],
+        user: str | None,
+    ) -> tuple[object, ...]:
+        """Append a signed entry to this node's log; returns the row envelope."""
+        info = self.logs.get(self.logs.own, tx)
+        assert info is not None
+        oseq = info.head + 1
+        entry = Entry(self.logs.own, oseq, self.node, tbl, key, version, op, data, user, tx.now_ms)
+        try:
+            body = encode_body(entry)
+        except EntryError as e:
+            raise InvalidRow(str(e)) from e
+        sig = self.signer.sign(signing_message(body))
+        key_id = self.signer.key_id
+        await tx.conn.execute(
+            "INSERT INTO changelog (log_id, oseq, writer, tbl, key, version, entry, sig, key_id, "
+            "state, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?)",
+            (self.logs.own, oseq, self.node, tbl, key, version, body, sig, key_id, tx.now_ms),
+        )
+        self.logs.put(
+            tx, self.logs.advanced(info, head=oseq, added_bytes=len(body), compacted=False)
+        )
+        tx.logged += 1
+        return (self.logs.own, oseq, body, sig, key_id)
 
     async def get_row(
         self, spec: TableSpec, key: Sequence[object], tx: Tx | None = None
@@ -124,255 +239,61 @@ class Store(ChangeLogReads):
             row = await self.db.fetchone(spec.select_sql(), tuple(key))
         return None if row is None else spec.from_sql(row)
 
-    # -- deployments ------------------------------------------------------------------
+    async def resign(self) -> int:
+        """Re-sign the rows this node wrote that carry no usable signature.
 
-    async def create_deployment(self, fields: dict[str, Any]) -> Deployment:
-        """Insert a new deployment row written by this node (status ``pending``).
-
-        Args:
-            fields: every column of ``deployments`` except ``version`` and ``origin``.
+        Rows written before schema 3, or while the node had no cluster key, are logged
+        again as new entries with their own version, so peers (and nodes that join
+        later) can verify them. Returns how many rows were re-signed.
         """
-        async with self.tx() as tx:
-            row = await self.put_row(tx, DEPLOYMENTS, fields, user=fields.get("user"), create=True)
-            d = deployment_from(row)
-            tx.notify(Notice(DEPLOYMENTS.name, d.deployment_id, (d,)))
-        return d
-
-    async def write_deployment(
-        self,
-        deployment_id: str,
-        changes: dict[str, Any] | None = None,
-        events: Sequence[tuple[str, dict[str, Any]]] = (),
-        *,
-        user: str | None = None,
-    ) -> tuple[Deployment, list[Event]]:
-        """Update a deployment row and/or append events to its log, in one transaction.
-
-        Status only moves forward and a terminal status never changes; appended events
-        get consecutive ``seq`` numbers and the log keeps its head/tail retention.
-
-        Raises:
-            KeyError: no such deployment.
-            TransitionError: the status change is not allowed.
-        """
-        async with self.tx() as tx:
-            current = await self.get_row(DEPLOYMENTS, (deployment_id,), tx)
-            if current is None:
-                raise KeyError(deployment_id)
-            d = deployment_from(current)
-            if changes:
-                if "deployment_id" in changes and changes["deployment_id"] != deployment_id:
-                    raise ValueError("a deployment's id cannot be changed")
-                _check_transition(d, changes)
-                d = deployment_from(
-                    await self.put_row(tx, DEPLOYMENTS, {**current, **changes}, user=user)
+        if self.signer.key_id == UNSIGNED_KEY_ID:
+            return 0
+        count = 0
+        for spec in REPLICATED.values():
+            while True:
+                rows = await self.db.fetchall(
+                    f"SELECT * FROM {spec.name} WHERE origin = ? AND "
+                    "(key_id IS NULL OR key_id = ?) LIMIT 500",
+                    (self.node, UNSIGNED_KEY_ID),
                 )
-                tx.notify(Notice(DEPLOYMENTS.name, deployment_id, (d,)))
-            written: list[Event] = []
-            if events:
-                written = await ev.append(tx, deployment_id, events)
-                await tx.log(
-                    ev.TABLE,
-                    deployment_id,
-                    version=self.clock.tick(),
-                    origin=self.node,
-                    op="append",
-                    data=[e.as_dict() for e in written],
-                )
-                tx.notify(Notice(ev.TABLE, deployment_id, tuple(written)))
-        return d, written
+                if not rows:
+                    break
+                async with self.tx() as tx:
+                    for r in rows:
+                        row = spec.from_sql(r)
+                        data = spec.data(row)
+                        op = "upsert"
+                        if spec is EVENT_BATCHES:
+                            op, data = "append", await self._batch_data(tx, row)
+                        envelope = await self.append_own(
+                            tx, spec.name, spec.key(row), row["version"], op, data, None
+                        )
+                        await tx.conn.execute(spec.upsert_sql(), spec.to_sql(row, envelope))
+                count += len(rows)
+        if count:
+            log.info("rows_resigned", node=self.node, rows=count, key_id=self.signer.key_id)
+        return count
 
-    async def get_deployment(self, deployment_id: str) -> Deployment | None:
-        row = await self.get_row(DEPLOYMENTS, (deployment_id,))
-        return None if row is None else deployment_from(row)
+    # -- member certificates (local) -------------------------------------------------
 
-    async def list_deployments(
-        self, filt: DeploymentFilter, *, limit: int, offset: int = 0, cursor: str | None = None
-    ) -> Page:
-        """Newest first, filtered and paged in SQL.
-
-        Raises:
-            ValueError: ``cursor`` is malformed.
-        """
-        clauses, params = filt.where()
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        count = await self.db.fetchone(
-            f"SELECT COUNT(*) AS n FROM deployments {where}", tuple(params)
-        )
-        total = int(count["n"]) if count else 0
-        page_clauses, page_params = list(clauses), list(params)
-        if cursor is not None:
-            started_at, deployment_id = decode_cursor(cursor)
-            page_clauses.append("(started_at, deployment_id) < (?, ?)")
-            page_params += [started_at, deployment_id]
-            offset = 0
-        page_where = f"WHERE {' AND '.join(page_clauses)}" if page_clauses else ""
-        rows = await self.db.fetchall(
-            f"SELECT * FROM deployments {page_where} "
-            "ORDER BY started_at DESC, deployment_id DESC LIMIT ? OFFSET ?",
-            (*page_params, limit + 1, offset),
-        )
-        items = [deployment_from(DEPLOYMENTS.from_sql(r)) for r in rows[:limit]]
-        next_cursor = encode_cursor(items[-1]) if len(rows) > limit and items else None
-        return Page(items, total, next_cursor)
-
-    async def deployments(
-        self,
-        *,
-        statuses: Sequence[str] | None = None,
-        terminal: bool | None = None,
-        project: str | None = None,
-        payload_hash: str | None = None,
-    ) -> list[Deployment]:
-        """Deployments matching the given conditions, oldest first."""
-        clauses: list[str] = []
-        params: list[object] = []
-        if statuses is not None:
-            clauses.append(f"status IN ({', '.join('?' for _ in statuses)})")
-            params += list(statuses)
-        if terminal is not None:
-            marks = ", ".join("?" for _ in TERMINAL)
-            clauses.append(f"status {'IN' if terminal else 'NOT IN'} ({marks})")
-            params += [str(s) for s in TERMINAL]
-        if project is not None:
-            clauses.append("project = ?")
-            params.append(project)
-        if payload_hash is not None:
-            clauses.append("payload_hash = ?")
-            params.append(payload_hash)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        rows = await self.db.fetchall(
-            f"SELECT * FROM deployments {where} ORDER BY started_at, deployment_id", tuple(params)
-        )
-        return [deployment_from(DEPLOYMENTS.from_sql(r)) for r in rows]
-
-    async def latest_success_per_project(self) -> list[Deployment]:
-        """For each project, its newest ``success`` deployment."""
-        rows = await self.db.fetchall(
-            "SELECT d.* FROM deployments d JOIN (SELECT project, MAX(started_at) AS s "
-            "FROM deployments WHERE status = 'success' GROUP BY project) m "
-            "ON d.project = m.project AND d.started_at = m.s WHERE d.status = 'success' "
-            "ORDER BY d.project"
-        )
-        return [deployment_from(DEPLOYMENTS.from_sql(r)) for r in rows]
-
-    async def events(self, deployment_id: str, after_seq: int = 0) -> list[Event]:
-        return await ev.read(self.db, deployment_id, after_seq)
-
-    # -- per-node results -------------------------------------------------------------
-
-    async def put_result(self, deployment_id: str, **fields: Any) -> NodeResult:
-        """Write this node's result row for a deployment (merging with what is stored)."""
+    async def put_cert(
+        self, key_id: str, node: str, der: bytes, not_before_ms: int, not_after_ms: int
+    ) -> None:
+        """Keep a member certificate (by key id) so entries it signed can be verified and
+        relayed after a restart."""
         async with self.tx() as tx:
-            current = await self.get_row(NODE_RESULTS, (deployment_id, self.node), tx) or {
-                "deployment_id": deployment_id,
-                "node": self.node,
-                "phase": None,
-                "error": None,
-                "started_at": None,
-                "completed_at": None,
-                "late": False,
-                "install_output": None,
-            }
-            r = result_from(await self.put_row(tx, NODE_RESULTS, {**current, **fields}))
-            tx.notify(Notice(NODE_RESULTS.name, deployment_id, (r,)))
-        return r
+            await tx.conn.execute(
+                "INSERT OR IGNORE INTO certs (key_id, node, der, not_before, not_after) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (key_id, node, der, not_before_ms, not_after_ms),
+            )
 
-    async def results(self, deployment_id: str) -> list[NodeResult]:
-        rows = await self.db.fetchall(
-            "SELECT * FROM node_results WHERE deployment_id = ? ORDER BY node", (deployment_id,)
-        )
-        return [result_from(NODE_RESULTS.from_sql(r)) for r in rows]
-
-    async def results_for(self, deployment_ids: Sequence[str]) -> dict[str, list[NodeResult]]:
-        """Result rows of many deployments, grouped by deployment id."""
-        out: dict[str, list[NodeResult]] = {i: [] for i in deployment_ids}
-        if not deployment_ids:
-            return out
-        marks = ", ".join("?" for _ in deployment_ids)
-        rows = await self.db.fetchall(
-            f"SELECT * FROM node_results WHERE deployment_id IN ({marks}) ORDER BY node",
-            tuple(deployment_ids),
-        )
-        for r in rows:
-            result = result_from(NODE_RESULTS.from_sql(r))
-            out[result.deployment_id].append(result)
-        return out
-
-    async def active_by_node(self) -> list[dict[str, Any]]:
-        """Per project and node, the newest deployment whose result there is ``active``."""
-        rows = await self.db.fetchall(
-            "SELECT d.project, r.node, d.deployment_id, d.payload_hash, r.completed_at, d.kind "
-            "FROM node_results r JOIN deployments d ON d.deployment_id = r.deployment_id "
-            "WHERE r.status = 'active' ORDER BY d.project, r.node, d.started_at"
-        )
-        latest: dict[tuple[str, str], dict[str, Any]] = {}
-        for r in rows:
-            latest[(r["project"], r["node"])] = dict(r)
-        return list(latest.values())
-
-    async def results_of_node(self, node: str, *, statuses: Sequence[str]) -> list[NodeResult]:
-        marks = ", ".join("?" for _ in statuses)
-        rows = await self.db.fetchall(
-            f"SELECT * FROM node_results WHERE node = ? AND status IN ({marks})", (node, *statuses)
-        )
-        return [result_from(NODE_RESULTS.from_sql(r)) for r in rows]
-
-    # -- payload drops ----------------------------------------------------------------
-
-    async def mark_payload_dropped(self, deployment_id: str, *, user: str | None) -> bool:
-        """Record that a deployment's payload is dropped cluster-wide. False if it was."""
-        async with self.tx() as tx:
-            if await self.get_row(PAYLOAD_DROPS, (deployment_id,), tx) is not None:
-                return False
-            row = {"deployment_id": deployment_id, "dropped_by": self.node, "dropped_at": tx.now_ms}
-            await self.put_row(tx, PAYLOAD_DROPS, row, user=user)
-            tx.notify(Notice(PAYLOAD_DROPS.name, deployment_id))
-        return True
-
-    async def dropped(self, deployment_ids: Sequence[str]) -> set[str]:
-        """Which of ``deployment_ids`` have their payload dropped."""
-        if not deployment_ids:
-            return set()
-        marks = ", ".join("?" for _ in deployment_ids)
-        rows = await self.db.fetchall(
-            f"SELECT deployment_id FROM payload_drops WHERE deployment_id IN ({marks})",
-            tuple(deployment_ids),
-        )
-        return {r["deployment_id"] for r in rows}
-
-    async def live_references(self, payload_hash: str) -> int:
-        """How many deployments still reference ``payload_hash`` without a drop."""
-        row = await self.db.fetchone(
-            "SELECT COUNT(*) AS n FROM deployments d WHERE d.payload_hash = ? AND NOT EXISTS "
-            "(SELECT 1 FROM payload_drops p WHERE p.deployment_id = d.deployment_id)",
-            (payload_hash,),
-        )
-        return int(row["n"]) if row else 0
+    async def certs(self) -> list[tuple[str, bytes]]:
+        """Every kept certificate as ``(key_id, der)``."""
+        rows = await self.db.fetchall("SELECT key_id, der FROM certs ORDER BY key_id")
+        return [(r["key_id"], bytes(r["der"])) for r in rows]
 
     # -- local state ------------------------------------------------------------------
-
-    async def set_active(
-        self, project: str, deployment_id: str | None, payload_hash: str | None
-    ) -> None:
-        """Record (or clear, with ``None``) the release active on this node."""
-        async with self.tx() as tx:
-            if deployment_id is None:
-                await tx.conn.execute("DELETE FROM active_releases WHERE project = ?", (project,))
-            else:
-                await tx.conn.execute(
-                    "INSERT INTO active_releases "
-                    "(project, deployment_id, payload_hash, activated_at) "
-                    "VALUES (?, ?, ?, ?) ON CONFLICT (project) DO UPDATE SET "
-                    "deployment_id=excluded.deployment_id, payload_hash=excluded.payload_hash, "
-                    "activated_at=excluded.activated_at",
-                    (project, deployment_id, payload_hash, tx.now_ms),
-                )
-            tx.notify(Notice("active_releases", project))
-
-    async def active_releases(self) -> dict[str, dict[str, Any]]:
-        rows = await self.db.fetchall("SELECT * FROM active_releases ORDER BY project")
-        return {r["project"]: dict(r) for r in rows}
 
     async def get_meta(self, key: str) -> str | None:
         row = await self.db.fetchone("SELECT value FROM meta WHERE key = ?", (key,))
@@ -380,23 +301,11 @@ class Store(ChangeLogReads):
 
     async def set_meta(self, key: str, value: str) -> None:
         async with self.tx() as tx:
-            await tx.conn.execute(
-                "INSERT INTO meta (key, value) VALUES (?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                (key, value),
-            )
+            await self._set_meta(tx, key, value)
 
-    # -- change log -------------------------------------------------------------------
-
-
-def _check_transition(d: Deployment, changes: dict[str, Any]) -> None:
-    new = changes.get("status")
-    if new is None or new == d.status:
-        return
-    if d.terminal:
-        raise TransitionError(f"deployment {d.deployment_id} is {d.status}; it cannot become {new}")
-    if status_rank(new) < status_rank(d.status):
-        raise TransitionError(
-            f"deployment {d.deployment_id} cannot go from {d.status} back to {new}"
+    async def _set_meta(self, tx: Tx, key: str, value: str) -> None:
+        await tx.conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
         )
-    DeploymentStatus(new)

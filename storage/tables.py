@@ -1,8 +1,11 @@
 """Replicated table layouts and the row codecs between SQL, dicts and dataclasses.
 
-A replicated row travels in the change log as a plain dict (msgpack-friendly: lists and
-dicts, no JSON strings); in SQL the list/dict columns are JSON text and booleans are
-integers. This module is the one place that knows both shapes.
+A replicated row travels inside a change entry as a plain dict of its data columns
+(msgpack-friendly: lists and dicts, no JSON strings); the entry itself carries the
+row's ``version`` and writer (stored as ``origin``). In SQL the list/dict columns are
+JSON text and booleans are integers, and every row also keeps the *envelope* of the
+entry that wrote its current version (:data:`ENVELOPE`). This module is the one place
+that knows these shapes; what values a row may hold is :mod:`storage.rowrules`.
 """
 
 from __future__ import annotations
@@ -24,9 +27,13 @@ from storage.records import (
 
 __all__ = [
     "DEPLOYMENTS",
+    "ENVELOPE",
+    "EVENT_BATCHES",
     "MEMBERS",
+    "NODE_COMPONENTS",
     "NODE_RESULTS",
     "PAYLOAD_DROPS",
+    "PINS",
     "REPLICATED",
     "ROLES",
     "USERS",
@@ -38,51 +45,42 @@ __all__ = [
     "user_from",
 ]
 
+#: Columns every replicated row keeps about the entry that wrote its current version.
+ENVELOPE = ("log_id", "oseq", "entry", "sig", "key_id")
+
 
 @dataclass(frozen=True, slots=True)
 class TableSpec:
-    """How one replicated table is keyed and which columns need conversion."""
+    """How one replicated table is keyed and which columns need conversion.
+
+    ``data_cols`` are the columns an entry's ``data`` carries (exactly these keys);
+    ``version`` and ``origin`` come from the entry itself.
+    """
 
     name: str
     key_cols: tuple[str, ...]
-    cols: tuple[str, ...]
+    data_cols: tuple[str, ...]
     json_cols: frozenset[str] = frozenset()
     bool_cols: frozenset[str] = frozenset()
-    #: Columns that may not be null, and the Python type every column's value must have.
-    required: frozenset[str] = frozenset()
-    types: tuple[tuple[str, type], ...] = ()
 
-    def problem(self, row: dict[str, Any]) -> str | None:
-        """Why ``row`` (as it travels between nodes) is not a valid row, or None."""
-        expected = dict(self.types)
-        for col in self.cols:
-            value = row.get(col)
-            if value is None:
-                if col in self.required or col in self.key_cols:
-                    return f"{col} is missing"
-                continue
-            kind = expected.get(col)
-            if kind is None:
-                continue
-            if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-                return f"{col} must be an integer"
-            if kind is int and not -(1 << 63) <= value < 1 << 63:
-                return f"{col} is out of range"
-            if kind is bool and not isinstance(value, bool | int):
-                return f"{col} must be a boolean"
-            if kind in (str, dict) and not isinstance(value, kind):
-                return f"{col} must be a {kind.__name__}"
-            if kind is list and (
-                not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value)
-            ):
-                return f"{col} must be a list of names"
-        return None
+    @property
+    def cols(self) -> tuple[str, ...]:
+        """The row's columns as a dict carries them (data plus version and origin)."""
+        return (*self.data_cols, "version", "origin")
+
+    @property
+    def sql_cols(self) -> tuple[str, ...]:
+        return (*self.cols, *ENVELOPE)
 
     def key(self, row: dict[str, Any]) -> str:
-        """The change-log key of a row (key columns joined with ``/``)."""
+        """The entry key of a row (key columns joined with ``/``)."""
         return "/".join(str(row[c]) for c in self.key_cols)
 
-    def to_sql(self, row: dict[str, Any]) -> tuple[object, ...]:
+    def data(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The ``data`` an entry carries for ``row``."""
+        return {c: row.get(c) for c in self.data_cols}
+
+    def to_sql(self, row: dict[str, Any], envelope: tuple[object, ...]) -> tuple[object, ...]:
         out: list[object] = []
         for c in self.cols:
             v = row.get(c)
@@ -91,7 +89,7 @@ class TableSpec:
             elif c in self.bool_cols:
                 v = int(bool(v))
             out.append(v)
-        return tuple(out)
+        return (*out, *envelope)
 
     def from_sql(self, row: sqlite3.Row) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -105,18 +103,18 @@ class TableSpec:
         return out
 
     def upsert_sql(self) -> str:
-        cols = ", ".join(self.cols)
-        marks = ", ".join("?" for _ in self.cols)
+        cols = ", ".join(self.sql_cols)
+        marks = ", ".join("?" for _ in self.sql_cols)
         keys = ", ".join(self.key_cols)
-        sets = ", ".join(f"{c}=excluded.{c}" for c in self.cols if c not in self.key_cols)
+        sets = ", ".join(f"{c}=excluded.{c}" for c in self.sql_cols if c not in self.key_cols)
         return (
             f"INSERT INTO {self.name} ({cols}) VALUES ({marks}) "
             f"ON CONFLICT ({keys}) DO UPDATE SET {sets}"
         )
 
     def insert_sql(self) -> str:
-        cols = ", ".join(self.cols)
-        marks = ", ".join("?" for _ in self.cols)
+        cols = ", ".join(self.sql_cols)
+        marks = ", ".join("?" for _ in self.sql_cols)
         return f"INSERT INTO {self.name} ({cols}) VALUES ({marks})"
 
     def select_sql(self) -> str:
@@ -127,7 +125,7 @@ class TableSpec:
 DEPLOYMENTS = TableSpec(
     name="deployments",
     key_cols=("deployment_id",),
-    cols=(
+    data_cols=(
         "deployment_id",
         "project",
         "kind",
@@ -143,60 +141,22 @@ DEPLOYMENTS = TableSpec(
         "replicated",
         "ignore_replication_errors",
         "timeout_ms",
-        "deadline_at",
         "started_at",
         "completed_at",
         "user",
         "rollback_of",
+        "superseded_by",
         "error",
-        "pinned",
-        "version",
-        "origin",
+        "created_version",
     ),
     json_cols=frozenset({"expected_nodes", "activate_nodes", "error"}),
-    bool_cols=frozenset({"replicated", "ignore_replication_errors", "pinned"}),
-    required=frozenset(
-        {
-            "project",
-            "kind",
-            "status",
-            "expected_nodes",
-            "activate_nodes",
-            "origin_node",
-            "timeout_ms",
-            "started_at",
-        }
-    ),
-    types=(
-        ("deployment_id", str),
-        ("project", str),
-        ("kind", str),
-        ("package_identifier", str),
-        ("payload_hash", str),
-        ("payload_size", int),
-        ("status", str),
-        ("phase", str),
-        ("expected_nodes", list),
-        ("activate_nodes", list),
-        ("origin_node", str),
-        ("restart_mode", str),
-        ("replicated", bool),
-        ("ignore_replication_errors", bool),
-        ("timeout_ms", int),
-        ("deadline_at", int),
-        ("started_at", int),
-        ("completed_at", int),
-        ("user", str),
-        ("rollback_of", str),
-        ("error", dict),
-        ("pinned", bool),
-    ),
+    bool_cols=frozenset({"replicated", "ignore_replication_errors"}),
 )
 
 NODE_RESULTS = TableSpec(
     name="node_results",
     key_cols=("deployment_id", "node"),
-    cols=(
+    data_cols=(
         "deployment_id",
         "node",
         "status",
@@ -206,71 +166,80 @@ NODE_RESULTS = TableSpec(
         "completed_at",
         "late",
         "install_output",
-        "version",
-        "origin",
     ),
     json_cols=frozenset({"error", "install_output"}),
     bool_cols=frozenset({"late"}),
-    required=frozenset({"status"}),
-    types=(
-        ("deployment_id", str),
-        ("node", str),
-        ("status", str),
-        ("phase", str),
-        ("error", dict),
-        ("started_at", int),
-        ("completed_at", int),
-        ("late", bool),
-        ("install_output", dict),
-    ),
+)
+
+PINS = TableSpec(
+    name="pins",
+    key_cols=("deployment_id", "node"),
+    data_cols=("deployment_id", "node", "pinned"),
+    bool_cols=frozenset({"pinned"}),
 )
 
 PAYLOAD_DROPS = TableSpec(
     name="payload_drops",
-    key_cols=("deployment_id",),
-    cols=("deployment_id", "dropped_by", "dropped_at", "version", "origin"),
-    required=frozenset({"dropped_by", "dropped_at"}),
-    types=(("deployment_id", str), ("dropped_by", str), ("dropped_at", int)),
+    key_cols=("deployment_id", "node"),
+    data_cols=("deployment_id", "node", "dropped_at"),
+)
+
+#: A batch of deployment events; the events travel in the entry's data (``events``)
+#: and are stored in ``deployment_events``; this table keeps the signed batch.
+EVENT_BATCHES = TableSpec(
+    name="event_batches",
+    key_cols=("deployment_id", "first_seq"),
+    data_cols=("deployment_id", "first_seq", "last_seq"),
+)
+
+#: What a node runs, per project (written by that node).
+NODE_COMPONENTS = TableSpec(
+    name="node_components",
+    key_cols=("node", "project"),
+    data_cols=(
+        "node",
+        "project",
+        "deployment_id",
+        "payload_hash",
+        "activated_at",
+        "converged",
+        "reason",
+        "process",
+    ),
+    json_cols=frozenset({"process"}),
+    bool_cols=frozenset({"converged"}),
 )
 
 USERS = TableSpec(
     name="users",
     key_cols=("username",),
-    cols=("username", "password_hash", "role", "active", "deleted", "version", "origin"),
+    data_cols=("username", "password_hash", "role", "active", "deleted"),
     bool_cols=frozenset({"active", "deleted"}),
-    required=frozenset({"password_hash", "role"}),
-    types=(
-        ("username", str),
-        ("password_hash", str),
-        ("role", str),
-        ("active", bool),
-        ("deleted", bool),
-    ),
 )
 
 ROLES = TableSpec(
     name="roles",
     key_cols=("role",),
-    cols=("role", "permission", "deleted", "version", "origin"),
+    data_cols=("role", "permission", "deleted"),
     json_cols=frozenset({"permission"}),
     bool_cols=frozenset({"deleted"}),
-    required=frozenset({"permission"}),
-    types=(("role", str), ("permission", dict), ("deleted", bool)),
 )
 
 MEMBERS = TableSpec(
     name="members",
     key_cols=("name",),
-    cols=("name", "url", "deleted", "version", "origin"),
+    data_cols=("name", "url", "deleted"),
     bool_cols=frozenset({"deleted"}),
-    required=frozenset({"url"}),
-    types=(("name", str), ("url", str), ("deleted", bool)),
 )
 
-#: Tables a peer may write through replication ("deployment_events" is handled apart).
+#: Every table a change entry may write, by name.
 REPLICATED: dict[str, TableSpec] = {
-    t.name: t for t in (DEPLOYMENTS, NODE_RESULTS, PAYLOAD_DROPS, USERS, ROLES, MEMBERS)
-}
+    t.name: t
+    for t in (
+        DEPLOYMENTS, NODE_RESULTS, PINS, PAYLOAD_DROPS, EVENT_BATCHES, NODE_COMPONENTS, USERS,
+        ROLES, MEMBERS,
+    )
+}  # fmt: skip
 
 
 def deployment_from(d: dict[str, Any]) -> Deployment:
@@ -290,13 +259,13 @@ def deployment_from(d: dict[str, Any]) -> Deployment:
         replicated=bool(d["replicated"]),
         ignore_replication_errors=bool(d["ignore_replication_errors"]),
         timeout_ms=int(d["timeout_ms"]),
-        deadline_at=d["deadline_at"],
         started_at=int(d["started_at"]),
         completed_at=d["completed_at"],
         user=d["user"],
         rollback_of=d["rollback_of"],
+        superseded_by=d.get("superseded_by"),
         error=d["error"],
-        pinned=bool(d.get("pinned", False)),
+        created_version=int(d.get("created_version") or d["version"]),
         version=int(d["version"]),
         origin=d["origin"],
     )

@@ -80,7 +80,7 @@ class NodeProcess:
         self.config_path.write_text(
             f'[node]\nname = "{self.name}"\ndata_dir = "{self.data_dir}"\n'
             f'[admin]\nhost = "{self.host}"\nport = {self.admin_port}\n'
-            f'[auth]\nbootstrap_user = "{ADMIN_USER}"\n' + self.extra_toml
+            f'[auth]\nbootstrap_user = "{ADMIN_USER}"\nbootstrap_wait_s = 3\n' + self.extra_toml
         )
 
     def start(self, *, wait: bool = True, crashpoint: str | None = None) -> NodeProcess:
@@ -115,6 +115,13 @@ class NodeProcess:
                 return False
 
         wait_for(healthy, timeout_s=timeout_s, what=f"node {self.name} to be healthy")
+        # A node joining a cluster creates its admin user only once it has caught up (or
+        # given up waiting): until then it answers 401.
+        wait_for(
+            lambda: self.op("list_roles", timeout_s=5)[0] != 401,
+            timeout_s=timeout_s,
+            what=f"node {self.name} to have its admin user",
+        )
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -165,6 +165,23 @@ class Components:
         shutil.rmtree(doomed)
         return True
 
+    def clone_release(self, project: str, source_id: str, deployment_id: str) -> None:
+        """Make ``deployment_id``'s release a hard-linked copy of ``source_id``'s (a
+        rollback to a release still on disk: no extraction, no hooks).
+
+        Raises:
+            FileNotFoundError: the source release is gone.
+        """
+        source = self.release_dir(project, source_id)
+        dest = self.release_dir(project, deployment_id)
+        tmp = dest.parent / f".tmp-clone-{deployment_id}-{secrets.token_hex(4)}"
+        try:
+            shutil.copytree(source, tmp, symlinks=True, copy_function=os.link)
+            os.rename(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
     def projects(self) -> list[str]:
         """Projects that have a directory here, sorted."""
         try:

@@ -2,16 +2,21 @@
 
 ``node/deploy`` never imports ``replication``: the cluster is seen through
 :class:`ClusterView` (who is a member, who is connected) and payload blobs a node lacks
-are obtained through :class:`BlobFetcher`. ``node/app.py`` passes the replication
-implementations; a single node uses :class:`SoloCluster`.
+are obtained through :class:`BlobFetcher`. Supervised processes are started through
+:class:`ComponentRunner`. ``node/app.py`` passes the real implementations; a single node
+uses :class:`SoloCluster`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+import asyncio
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
 
-from node.config import Limits
+from node.config import Limits, RetentionConfig
+from node.deploy.component_config import RunSpec
 from node.deploy.components import Components
 from node.deploy.extract import ExtractLimits
 from node.deploy.hooks import HookGroups
@@ -20,7 +25,16 @@ from storage.errors import BlobMissing
 from storage.faults import NO_FAULTS, Faults
 from storage.store import Store
 
-__all__ = ["BlobFetcher", "ClusterView", "DeployContext", "SoloCluster"]
+__all__ = [
+    "BlobFetcher",
+    "ClusterView",
+    "ComponentRunner",
+    "DeployContext",
+    "NoRunner",
+    "ProjectLocks",
+    "ReadyResult",
+    "SoloCluster",
+]
 
 
 class ClusterView(Protocol):
@@ -46,6 +60,63 @@ class BlobFetcher(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class ReadyResult:
+    """Whether a component's process came up ready after a switch, and if not, why."""
+
+    ready: bool
+    reason: str | None = None
+    #: The last lines of the process's output, when it failed.
+    output: tuple[str, ...] = ()
+
+
+class ComponentRunner(Protocol):
+    """Runs each project's ``[run]`` process for its active release."""
+
+    async def switch(
+        self,
+        project: str,
+        deployment_id: str,
+        release_dir: Path,
+        spec: RunSpec | None,
+        *,
+        restart: bool,
+    ) -> Any:
+        """Make ``project``'s process run from ``release_dir`` and wait until it is ready
+        (``restart=False``: leave the process alone). Returns a result with ``ready``
+        and ``reason``."""
+        ...
+
+    async def stop(self, project: str) -> None:
+        """Stop ``project``'s process, if it has one."""
+        ...
+
+    def state(self, project: str) -> Any:
+        """The project's process state (None when it has none)."""
+        ...
+
+
+class NoRunner:
+    """A runner for nodes that supervise nothing: every switch is ready at once."""
+
+    async def switch(
+        self,
+        project: str,
+        deployment_id: str,
+        release_dir: Path,
+        spec: RunSpec | None,
+        *,
+        restart: bool,
+    ) -> ReadyResult:
+        return ReadyResult(True)
+
+    async def stop(self, project: str) -> None:
+        return None
+
+    def state(self, project: str) -> None:
+        return None
+
+
 class SoloCluster:
     """A cluster of one: no peers, nothing to fetch from."""
 
@@ -62,6 +133,19 @@ class SoloCluster:
         raise BlobMissing(f"blob {payload_hash} is not on this node and it has no peers")
 
 
+@dataclass
+class ProjectLocks:
+    """One lock per project: whatever touches a project's releases or its process (the
+    origin's coordinator, the reconciler, a drop) holds it from decision to last write."""
+
+    _locks: defaultdict[str, asyncio.Lock] = field(
+        default_factory=lambda: defaultdict(asyncio.Lock)
+    )
+
+    def __call__(self, project: str) -> asyncio.Lock:
+        return self._locks[project]
+
+
 @dataclass(frozen=True, slots=True)
 class DeployContext:
     """Everything a deploy step touches on this node."""
@@ -75,6 +159,9 @@ class DeployContext:
     fetcher: BlobFetcher
     faults: Faults = NO_FAULTS
     hook_groups: HookGroups | None = None
+    runner: ComponentRunner = field(default_factory=NoRunner)
+    locks: ProjectLocks = field(default_factory=ProjectLocks)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
 
     @property
     def extract_limits(self) -> ExtractLimits:

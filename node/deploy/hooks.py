@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 from node.deploy.component_config import HookSpec
 
@@ -52,6 +52,7 @@ class HookResult:
 class TailLine(TypedDict):
     stream: str
     line: str
+    hook: NotRequired[str]
 
 
 class TailDict(TypedDict):
@@ -70,27 +71,42 @@ class OutputTail:
     def __init__(self, max_lines: int = 200, max_bytes: int = MAX_LINE_BYTES) -> None:
         self.max_lines = max_lines
         self.max_bytes = max_bytes
-        self._lines: deque[tuple[str, str, int]] = deque()
+        self._lines: deque[tuple[str, str, str | None, int]] = deque()
         self._bytes = 0
         self.dropped_lines = 0
         self._cut = False
 
-    def append(self, stream: str, line: str) -> None:
+    def append(self, stream: str, line: str, hook: str | None = None) -> None:
+        """Keep one line (``hook`` labels which hook printed it)."""
         encoded = line.encode("utf-8", "replace")
         if len(encoded) > self.max_bytes:
             encoded = encoded[: self.max_bytes]
             line = encoded.decode("utf-8", "ignore")
             self._cut = True
-        self._lines.append((stream, line, len(encoded)))
+        self._lines.append((stream, line, hook, len(encoded)))
         self._bytes += len(encoded)
         while len(self._lines) > self.max_lines or self._bytes > self.max_bytes:
-            self._bytes -= self._lines.popleft()[2]
+            self._bytes -= self._lines.popleft()[3]
             self.dropped_lines += 1
 
+    def extend(self, other: OutputTail, hook: str) -> None:
+        """Take every line ``other`` kept (labelled ``hook``) and its drop count."""
+        for stream, line, _, _ in other._lines:
+            self.append(stream, line, hook)
+        self.dropped_lines += other.dropped_lines
+        self._cut = self._cut or other._cut
+
     def as_dict(self) -> TailDict:
-        """The ``install_output`` shape: ``{lines: [{stream, line}], truncated, dropped_lines}``."""
+        """The ``install_output`` shape: ``{lines: [{stream, line[, hook]}], truncated,
+        dropped_lines}``."""
+        lines: list[TailLine] = []
+        for s, text, hook, _ in self._lines:
+            entry: TailLine = {"stream": s, "line": text}
+            if hook is not None:
+                entry["hook"] = hook
+            lines.append(entry)
         return {
-            "lines": [{"stream": s, "line": text} for s, text, _ in self._lines],
+            "lines": lines,
             "truncated": self._cut or self.dropped_lines > 0,
             "dropped_lines": self.dropped_lines,
         }

@@ -1,32 +1,36 @@
 """Deploys this node originates: the row first, then the payload, then the coordinator.
 
 The row is written (``pending``) before a single payload byte is read, so every accepted
-deploy leaves a row — also one whose upload breaks off. The payload is streamed into the
-blob store while it is hashed; the rest of the deploy runs as a task owned by the node,
-so a client that disconnects does not cancel it.
+deploy leaves a row, also one whose upload breaks off. The payload is streamed into the
+blob store while it is hashed, and held there until the row names its hash, so a
+concurrent delete of another deploy with the same bytes cannot remove it in between; a
+rollback's row names its source's hash from the start, before the blob is checked. The
+rest of the deploy runs as a task owned by the node, so a client that disconnects does
+not cancel it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
 from node.deploy.context import DeployContext
 from node.deploy.coordinator import Coordinator, fail
 from node.deploy.recorder import Recorder
-from node.errors import DeployFailed, Gone
+from node.errors import CairnError, DeployFailed, Gone
 from node.tasks import TaskSet
-from storage.errors import BlobTooLarge
+from storage.errors import BlobMissing, BlobTooLarge
 from storage.records import Deployment, DeploymentStatus, NodeStatus
 
 __all__ = ["DeployRequest", "Origin"]
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,13 +39,16 @@ class DeployRequest:
 
     project: str
     user: str | None
-    restart_mode: str | None = None
+    restart_mode: str | None = "immediate"
     replicated: bool = True
     timeout_ms: int = 120_000
     ignore_replication_errors: bool = False
     package_identifier: str | None = None
     rollback_of: str | None = None
     kind: str = "deploy"
+    #: Known up front for a rollback (its source's payload): the row names it at once.
+    payload_hash: str | None = None
+    payload_size: int | None = None
 
 
 class Origin:
@@ -50,7 +57,6 @@ class Origin:
     def __init__(self, ctx: DeployContext, tasks: TaskSet) -> None:
         self.ctx = ctx
         self.tasks = tasks
-        self.recorders: dict[str, Recorder] = {}
 
     def expected_nodes(self, replicated: bool) -> list[str]:
         return self.ctx.cluster.members() if replicated else [self.ctx.node]
@@ -63,8 +69,8 @@ class Origin:
             "project": req.project,
             "kind": req.kind,
             "package_identifier": req.package_identifier,
-            "payload_hash": None,
-            "payload_size": None,
+            "payload_hash": req.payload_hash,
+            "payload_size": req.payload_size,
             "status": DeploymentStatus.PENDING,
             "phase": "receive",
             "expected_nodes": self.expected_nodes(req.replicated),
@@ -74,13 +80,12 @@ class Origin:
             "replicated": req.replicated,
             "ignore_replication_errors": req.ignore_replication_errors,
             "timeout_ms": req.timeout_ms,
-            "deadline_at": None,
             "started_at": now,
             "completed_at": None,
             "user": req.user,
             "rollback_of": req.rollback_of,
+            "superseded_by": None,
             "error": None,
-            "pinned": False,
         }
         d = await self.ctx.store.create_deployment(fields)
         rec = Recorder(self.ctx.store, d.deployment_id)
@@ -93,23 +98,23 @@ class Origin:
         return d, rec
 
     async def check_reachable(self, d: Deployment, rec: Recorder) -> None:
-        """A cluster deploy with peers but none of them connected fails at once.
+        """A cluster deploy with peers but none of them connected fails at once (also
+        with ``ignore_replication_errors``: zero reachable peers is never a success).
 
         Raises:
             DeployFailed: ``replication_failed``, after the row is marked failed.
         """
         peers = [n for n in d.expected_nodes if n != self.ctx.node]
-        if not peers or d.ignore_replication_errors:
+        if not peers or self.ctx.cluster.connected() & set(peers):
             return
-        if not (self.ctx.cluster.connected() & set(peers)):
-            err = DeployFailed(
-                f"no peer is reachable (expected {', '.join(peers)})",
-                code="replication_failed",
-                phase="replicate",
-                failed_nodes=peers,
-            )
-            await self.fail(d, rec, err)
-            raise err
+        err = DeployFailed(
+            f"no peer is reachable (expected {', '.join(peers)})",
+            code="replication_failed",
+            phase="replicate",
+            failed_nodes=peers,
+        )
+        await self.fail(d, rec, err)
+        raise err
 
     async def receive(
         self, d: Deployment, rec: Recorder, chunks: AsyncIterable[bytes]
@@ -119,13 +124,12 @@ class Origin:
         Raises:
             DeployFailed: the upload broke off or was too large (row marked failed).
         """
+        limit = self.ctx.limits.max_payload_bytes
         try:
-            info = await self.ctx.blobs.ingest(chunks, max_bytes=self.ctx.limits.max_payload_bytes)
+            info = await self.ctx.blobs.ingest(chunks, max_bytes=limit, hold=True)
         except BlobTooLarge as e:
             err = DeployFailed(
-                f"payload is larger than {self.ctx.limits.max_payload_bytes} bytes",
-                code="too_large",
-                phase="receive",
+                f"payload is larger than {limit} bytes", code="too_large", phase="receive"
             )
             await self.fail(d, rec, err)
             raise err from e
@@ -134,37 +138,45 @@ class Origin:
             raise
         except (Exception, asyncio.CancelledError) as e:  # the upload stream broke off
             err = DeployFailed(
-                f"payload upload failed: {e!r}", code="upload_failed", phase="receive"
+                f"payload upload failed: {type(e).__name__}: {e}"[:1000],
+                code="upload_failed",
+                phase="receive",
             )
             await asyncio.shield(self.fail(d, rec, err))
             if isinstance(e, asyncio.CancelledError):
                 raise
             raise err from e
-        return await self.received(d, rec, info.hash, info.size)
+        try:
+            return await self.received(d, rec, info.hash, info.size)
+        finally:
+            self.ctx.blobs.release(info.hash)
 
     async def received(
         self, d: Deployment, rec: Recorder, payload_hash: str, size: int
     ) -> Deployment:
+        """Record the payload: from here on every expected node may start staging."""
         self.ctx.faults.hit("deploy.after_receive")
         d, _ = await rec.write(
-            {
-                "payload_hash": payload_hash,
-                "payload_size": size,
-                "deadline_at": self.ctx.store.clock.now_ms() + d.timeout_ms,
-            },
+            {"payload_hash": payload_hash, "payload_size": size},
             ("phase", {"phase": "receive", "status": "done"}),
         )
         return d
 
     async def reuse_blob(self, d: Deployment, rec: Recorder, source: Deployment) -> Deployment:
-        """Point a rollback at ``source``'s blob after checking its sha256.
+        """Check that a rollback's row (which already names ``source``'s blob) can use it.
 
         Raises:
             Gone: the blob is not available on this node (row marked failed).
         """
         h = source.payload_hash
-        dropped = await self.ctx.store.dropped([source.deployment_id])
-        if h is None or dropped or not self.ctx.blobs.has(h) or not await self.ctx.blobs.verify(h):
+        ok = False
+        if h is not None and not await self.ctx.store.dropped([source.deployment_id]):
+            with self.ctx.blobs.holding(h):
+                try:
+                    ok = self.ctx.blobs.has(h) and await self.ctx.blobs.verify(h)
+                except BlobMissing:
+                    ok = False
+        if not ok:
             err = DeployFailed(
                 f"the payload of deployment {source.deployment_id} is not available",
                 code="payload_gone",
@@ -172,18 +184,39 @@ class Origin:
             )
             await self.fail(d, rec, err)
             raise Gone(err.message, deployment_id=d.deployment_id, phase="receive") from None
-        return await self.received(d, rec, h, self.ctx.blobs.size(h))
+        d, _ = await rec.write(None, ("phase", {"phase": "receive", "status": "done"}))
+        return d
 
     async def fail(self, d: Deployment, rec: Recorder, err: DeployFailed) -> Deployment:
         await self.ctx.store.put_result(
             d.deployment_id,
             status=NodeStatus.FAILED,
             phase=err.phase,
-            error={"message": err.message, "code": err.code, "phase": err.phase},
+            error={"message": err.message[:4000], "code": err.code, "phase": err.phase},
             completed_at=self.ctx.store.clock.now_ms(),
         )
         err.extra.setdefault("deployment_id", d.deployment_id)
         return await fail(self.ctx, rec, err)
+
+    async def guard(self, d: Deployment, rec: Recorder, job: Coroutine[Any, Any, T]) -> T:
+        """Run a request's part of a deploy (receive, launch) so that whatever it raises
+        leaves the row terminal: an unexpected exception fails it as ``internal_error``.
+        """
+        try:
+            return await job
+        except (CairnError, asyncio.CancelledError):
+            raise
+        except Exception as e:
+            log.exception("deploy_request_crashed", deployment_id=d.deployment_id)
+            err = DeployFailed(
+                f"internal error: {type(e).__name__}: {e}"[:2000],
+                code="internal_error",
+                phase=d.phase or "receive",
+            )
+            current = await self.ctx.store.get_deployment(d.deployment_id)
+            if current is not None and not current.terminal:
+                await self.fail(current, rec, err)
+            raise err from e
 
     def launch(self, d: Deployment, rec: Recorder) -> asyncio.Task[Deployment]:
         """Run the rest of the deploy as a task owned by the node."""
@@ -209,6 +242,7 @@ class Origin:
                 self.launch(d, rec)
                 continue
             self.ctx.components.discard_release(d.project, d.deployment_id)
+            await self.ctx.store.mark_staged(d.project, d.deployment_id, None, staged=False)
             await self.fail(
                 d,
                 rec,

@@ -17,7 +17,10 @@ from typing import Any
 from storage.records import Deployment, DeploymentStatus, Event
 from storage.store import Store
 
-__all__ = ["Recorder"]
+__all__ = ["MAX_EVENT_LINE_BYTES", "Recorder"]
+
+#: The longest hook output line an ``install`` event carries.
+MAX_EVENT_LINE_BYTES = 4096
 
 
 class Recorder:
@@ -62,7 +65,12 @@ class Recorder:
         await self.write(changes, ("phase", {"phase": phase, "status": state}))
 
     async def line(self, stream: str, line: str) -> None:
-        """Buffer one line of hook output as an ``install`` event."""
+        """Buffer one line of hook output as an ``install`` event (cut to
+        :data:`MAX_EVENT_LINE_BYTES` of UTF-8: the event log is a view, the hook output
+        tail in the result keeps more)."""
+        encoded = line.encode("utf-8", "replace")
+        if len(encoded) > MAX_EVENT_LINE_BYTES:
+            line = encoded[:MAX_EVENT_LINE_BYTES].decode("utf-8", "ignore") + " [cut]"
         self._buffer.append(("install", {"stream": stream, "line": line}))
         if len(self._buffer) >= self._max:
             await self.flush()
@@ -80,10 +88,12 @@ class Recorder:
     async def close(self) -> None:
         """Flush and stop the timer (call when the deploy is over).
 
-        The flush comes first: once it holds the lock, a timer that is still pending can
-        only be asleep or about to write an empty batch, so cancelling it loses nothing.
+        The write comes first, under the lock: it waits for a timer that is writing a
+        batch right now (cancelling that one would roll its lines back), and once it
+        holds the lock a pending timer can only be asleep or about to write an empty
+        batch, so cancelling it loses nothing.
         """
-        await self.flush()
+        await self.write(None)
         if self._timer is not None and not self._timer.done():
             self._timer.cancel()
             with contextlib.suppress(asyncio.CancelledError):

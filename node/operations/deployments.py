@@ -11,15 +11,15 @@ from urllib.parse import urlparse
 from aiohttp import web
 
 from node.appkeys import METRICS
-from node.deploy.coordinator import peer_results
 from node.deploy.origin import DeployRequest
+from node.deploy.results import peer_results
 from node.deploy.sources import bytes_source, file_source, local_package, url_source
 from node.errors import BadRequest, DeployFailed, NotFound
 from node.operations.registry import Call, Registry
 from node.sse import last_event_id, stream_deployment
 from node.views import deployment_views
+from storage.listing import DeploymentFilter
 from storage.records import Deployment, DeploymentStatus
-from storage.store import DeploymentFilter
 
 __all__ = ["registry"]
 
@@ -102,7 +102,8 @@ async def deploy_component(call: Call) -> dict[str, Any] | web.StreamResponse:
     req = DeployRequest(
         project=project,
         user=call.principal.username,
-        restart_mode=f.restart(),
+        # ``restart`` defaults to true: a [run] process is restarted on activation.
+        restart_mode=f.restart() if f.has("restart") else "immediate",
         replicated=f.boolean("replicated", default=True),
         timeout_ms=f.integer(
             "deployment_timeout",
@@ -123,6 +124,13 @@ async def deploy_component(call: Call) -> dict[str, Any] | web.StreamResponse:
                 f"deployment {rollback_from} is not a deploy of project {project}",
                 field="rollback_from",
             )
+        # The new row names the source's blob from the start, so a delete racing this
+        # rollback either sees the reference or has already removed the blob (410).
+        req = replace(
+            req,
+            payload_hash=rollback_source.payload_hash,
+            payload_size=rollback_source.payload_size,
+        )
     if package is not None:
         req = replace(req, package_identifier=package)
     origin = call.services.origin
@@ -141,7 +149,9 @@ async def deploy_component(call: Call) -> dict[str, Any] | web.StreamResponse:
         results = await call.services.store.results(final.deployment_id)
         return _success_body(final, peer_results(final, results))
 
-    task = call.services.tasks.spawn(job(), name=f"deploy-request-{d.deployment_id}")
+    task = call.services.tasks.spawn(
+        origin.guard(d, rec, job()), name=f"deploy-request-{d.deployment_id}"
+    )
 
     async def finish() -> dict[str, Any]:
         try:
@@ -227,43 +237,47 @@ async def get_deployment(call: Call) -> dict[str, Any] | web.StreamResponse:
 
 @registry.add("get_components")
 async def get_components(call: Call) -> dict[str, Any]:
+    """Per project: what this node runs, and what every node reports it runs (its
+    process, and whether it could converge)."""
     store = call.services.store
+    me = call.config.node.name
     active = await store.active_releases()
-    per_node = await store.active_by_node()
+    desired = await store.desired_releases()
     projects: dict[str, dict[str, Any]] = {}
-    for project, row in active.items():
-        projects[project] = {
-            "project": project,
-            "deployment_id": row["deployment_id"],
-            "payload_hash": row["payload_hash"],
-            "activated_at": row["activated_at"],
-            "nodes": [],
-        }
-    for row in per_node:
-        if row["kind"] == "drop":
-            continue  # the newest thing active on that node is the removal itself
-        entry = projects.setdefault(
-            row["project"],
-            {
-                "project": row["project"],
-                "deployment_id": None,
-                "payload_hash": None,
-                "activated_at": None,
+
+    def entry(project: str) -> dict[str, Any]:
+        if project not in projects:
+            row = active.get(project)
+            want = desired.get(project)
+            projects[project] = {
+                "project": project,
+                "deployment_id": row["deployment_id"] if row else None,
+                "payload_hash": row["payload_hash"] if row else None,
+                "activated_at": row["activated_at"] if row else None,
+                "desired_deployment_id": want[0] if want and want[2] != "drop" else None,
                 "nodes": [],
-            },
-        )
-        entry["nodes"].append(
+            }
+        return projects[project]
+
+    rows = await store.components()
+    # A project is listed while this node or any other still runs it (a drop removes it).
+    for project in {*active, *(r["project"] for r in rows if r["deployment_id"] is not None)}:
+        entry(project)
+    for row in rows:
+        if row["project"] not in projects:
+            continue
+        entry(row["project"])["nodes"].append(
             {
                 "node": row["node"],
                 "deployment_id": row["deployment_id"],
                 "payload_hash": row["payload_hash"],
-                "activated_at": row["completed_at"],
+                "activated_at": row["activated_at"],
+                "process": row["process"],
+                "converged": row["converged"],
+                "reason": row["reason"],
             }
         )
-    return {
-        "node": call.config.node.name,
-        "components": sorted(projects.values(), key=lambda p: p["project"]),
-    }
+    return {"node": me, "components": sorted(projects.values(), key=lambda p: p["project"])}
 
 
 @registry.add("drop_component")
@@ -271,8 +285,8 @@ async def drop_component(call: Call) -> dict[str, Any]:
     project = call.fields.project()
     assert project is not None
     store = call.services.store
-    known = await store.deployments(project=project, statuses=[DeploymentStatus.SUCCESS])
-    if not known or known[-1].kind == "drop":
+    desired = await store.desired(project)
+    if desired is None or desired.kind == "drop":
         raise NotFound(f"project {project} is not deployed", project=project)
     origin = call.services.origin
     req = DeployRequest(
@@ -288,14 +302,11 @@ async def drop_component(call: Call) -> dict[str, Any]:
     async def job() -> dict[str, Any]:
         nonlocal d
         await origin.check_reachable(d, rec)
-        d, _ = await rec.write(
-            {"deadline_at": store.clock.now_ms() + d.timeout_ms},
-            ("phase", {"phase": "receive", "status": "done"}),
-        )
+        d, _ = await rec.write(None, ("phase", {"phase": "receive", "status": "done"}))
         final = await origin.launch(d, rec)
         return _success_body(final, peer_results(final, await store.results(final.deployment_id)))
 
-    task = call.services.tasks.spawn(job(), name=f"drop-{d.deployment_id}")
+    task = call.services.tasks.spawn(origin.guard(d, rec, job()), name=f"drop-{d.deployment_id}")
     try:
         return await asyncio.shield(task)
     except DeployFailed as e:

@@ -11,9 +11,11 @@ from typing import Any
 from aiohttp import web
 
 from node.deploy.context import DeployContext
+from node.deploy.retention import prunable
 from node.errors import CairnError, Conflict, Gone, NotFound
 from node.operations.registry import Call, Registry
-from storage.records import Deployment, DeploymentStatus
+from storage.errors import BlobMissing
+from storage.records import Deployment
 
 __all__ = ["drop_payload", "registry"]
 
@@ -70,7 +72,18 @@ async def get_deployment_payload(call: Call) -> web.StreamResponse:
             f"the payload of deployment {deployment_id} is not on this node",
             deployment_id=deployment_id,
         )
-    size = ctx.blobs.size(h)
+    with ctx.blobs.holding(h):
+        return await _stream(call, ctx, deployment_id, h)
+
+
+async def _stream(call: Call, ctx: DeployContext, deployment_id: str, h: str) -> web.StreamResponse:
+    try:
+        size = ctx.blobs.size(h)
+    except BlobMissing:
+        raise Gone(
+            f"the payload of deployment {deployment_id} is not on this node",
+            deployment_id=deployment_id,
+        ) from None
     start, end, status = 0, size, 200
     if "Range" in call.request.headers:
         start, end = _parse_range(call.request.headers["Range"], size)
@@ -98,6 +111,9 @@ async def get_deployment_payload(call: Call) -> web.StreamResponse:
 
 @registry.add("delete_deployment_payload")
 async def delete_deployment_payload(call: Call) -> dict[str, Any]:
+    """Drop a finished deploy's payload on every node (idempotent). Allowed for the
+    active deploy too: the running release is untouched, and the answer warns that nodes
+    which have not staged it can no longer converge to it."""
     deployment_id = call.fields.deployment_id()
     assert deployment_id is not None
     d = await _get(call, deployment_id)
@@ -108,28 +124,30 @@ async def delete_deployment_payload(call: Call) -> dict[str, Any]:
             deployment_id=deployment_id,
         )
     ctx = call.services.ctx
-    desired = [
-        x
-        for x in await ctx.store.deployments(statuses=[DeploymentStatus.SUCCESS], project=d.project)
-        if x.replicated
-    ]
-    if desired and desired[-1].deployment_id == deployment_id and d.kind == "deploy":
-        raise Conflict(
-            f"deployment {deployment_id} is the active deploy of {d.project}; "
-            "its payload is kept so returning nodes can converge",
-            deployment_id=deployment_id,
-        )
     freed = await drop_payload(ctx, d, user=call.principal.username)
-    return {"deployment_id": deployment_id, "freed_bytes": freed}
+    answer: dict[str, Any] = {"deployment_id": deployment_id, "freed_bytes": freed}
+    desired = await ctx.store.desired(d.project)
+    if desired is not None and desired.deployment_id == deployment_id:
+        answer["warning"] = (
+            f"{deployment_id} is the active deploy of {d.project}: nodes that have not "
+            "staged it can no longer converge to it (they say so in get_components)"
+        )
+    return answer
 
 
 async def drop_payload(ctx: DeployContext, d: Deployment, *, user: str | None) -> int:
-    """Mark ``d``'s payload dropped (replicated) and free the local blob if unused."""
+    """Mark ``d``'s payload dropped (replicated: every node frees its copy) and free the
+    local blob unless another live deployment, or something in progress, uses it."""
     newly = await ctx.store.mark_payload_dropped(d.deployment_id, user=user)
     freed = 0
-    if d.payload_hash and await ctx.store.live_references(d.payload_hash) == 0:
-        freed = await ctx.blobs.delete(d.payload_hash)
-    if newly:
+    h = d.payload_hash
+    if h:
+
+        async def unused() -> bool:
+            return await ctx.store.live_references(h) == 0
+
+        freed = await ctx.blobs.delete_unused(h, unused)
+    if newly and d.origin_node == ctx.node:
         await ctx.store.write_deployment(
             d.deployment_id, None, [("payload_dropped", {"freed_bytes": freed})]
         )
@@ -145,9 +163,7 @@ async def pin_deployment(call: Call) -> dict[str, Any]:
     if not d.terminal:
         raise Conflict(f"deployment {deployment_id} is {d.status}; pin it once it is over")
     pinned = call.fields.boolean("pinned", default=True)
-    await call.services.store.write_deployment(
-        deployment_id, {"pinned": pinned}, user=call.principal.username
-    )
+    await call.services.store.set_pin(deployment_id, pinned, user=call.principal.username)
     return {"deployment_id": deployment_id, "pinned": pinned}
 
 
@@ -157,36 +173,15 @@ async def prune_deployment_payloads(call: Call) -> dict[str, Any]:
     project = call.fields.project(required=False)
     dry_run = call.fields.boolean("dry_run", default=False)
     ctx = call.services.ctx
-    retention = call.config.retention
     now = ctx.store.clock.now_ms()
-    candidates = await ctx.store.deployments(terminal=True, project=project)
-    dropped_already = await ctx.store.dropped([d.deployment_id for d in candidates])
-    by_project: dict[str, list[Deployment]] = {}
-    for d in candidates:
-        if d.kind == "deploy" and d.payload_hash and d.deployment_id not in dropped_already:
-            by_project.setdefault(d.project, []).append(d)
-    victims: list[Deployment] = []
-    for project_deploys in by_project.values():
-        successes = [d for d in reversed(project_deploys) if d.status is DeploymentStatus.SUCCESS]
-        keep = {d.deployment_id for d in successes[: retention.keep_successful]}
-        if successes:
-            keep.add(successes[0].deployment_id)  # never the active one
-        for d in project_deploys:
-            if d.pinned or d.deployment_id in keep:
-                continue
-            if (
-                d.status is DeploymentStatus.SUCCESS
-                or (d.completed_at or d.started_at) + retention.failed_grace_s * 1000 <= now
-            ):
-                victims.append(d)
+    victims = await prunable(ctx, call.config.retention, project=project, now_ms=now)
     freed = 0
     if dry_run:
         victim_ids = {d.deployment_id for d in victims}
         for h in {d.payload_hash for d in victims if d.payload_hash}:
             users = await ctx.store.deployments(payload_hash=h)
-            if ctx.blobs.has(h) and all(
-                u.deployment_id in victim_ids or u.deployment_id in dropped_already for u in users
-            ):
+            others = [u.deployment_id for u in users if u.deployment_id not in victim_ids]
+            if ctx.blobs.has(h) and len(await ctx.store.dropped(others)) == len(others):
                 freed += ctx.blobs.size(h)
     else:
         for d in victims:

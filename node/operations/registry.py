@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from node.appkeys import CONFIG, SERVICES, Services
+from node.appkeys import CONFIG, Services
 from node.auth import Principal
 from node.body import Body
 from node.config import Config
@@ -38,7 +38,7 @@ class Call:
 
     @property
     def services(self) -> Services:
-        return self.request.app[SERVICES]
+        return Services(self.request.app)
 
     @property
     def config(self) -> Config:

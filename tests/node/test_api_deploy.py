@@ -11,7 +11,7 @@ import cbor2
 import msgpack
 from helpers import Api, component
 
-from node.appkeys import SERVICES
+from node.appkeys import Services
 
 
 async def _record(api: Api, deployment_id: str) -> dict[str, Any]:
@@ -21,7 +21,7 @@ async def _record(api: Api, deployment_id: str) -> dict[str, Any]:
 
 
 def _current(api: Api, project: str) -> str:
-    cur = api.app[SERVICES].ctx.components.current(project)
+    cur = Services(api.app).ctx.components.current(project)
     assert cur is not None
     return cur
 
@@ -55,7 +55,7 @@ async def test_deploy_records_success_and_activates_release(api: Api) -> None:
     assert phases == ["receive", "extract", "install", "check", "stage", "activate"]
 
     assert _current(api, "web") == did
-    release = api.app[SERVICES].ctx.components.release_dir("web", did)
+    release = Services(api.app).ctx.components.release_dir("web", did)
     assert (release / "index.html").read_text() == "<p>hello</p>\n"  # top dir flattened
 
 
@@ -93,7 +93,7 @@ async def test_reserved_fields_refused_without_a_row(api: Api) -> None:
         assert status == 400 and body["code"] == "reserved_field" and body["field"] == field
     status, listing = await api.op("list_deployments")
     assert listing["total"] == 0
-    assert api.app[SERVICES].ctx.blobs.stats() == (0, 0)
+    assert Services(api.app).ctx.blobs.stats() == (0, 0)
 
 
 async def test_each_accepted_deploy_leaves_exactly_one_row(api: Api) -> None:
@@ -278,8 +278,6 @@ async def test_payload_download_and_range(api: Api) -> None:
 async def test_delete_payload_is_idempotent_and_keeps_record(api: Api) -> None:
     _, first = await api.deploy("web", component(v="1"))
     _, second = await api.deploy("web", component(v="2"))
-    status, body = await api.op("delete_deployment_payload", deployment_id=second["deployment_id"])
-    assert status == 409  # the active deploy keeps its payload
     status, body = await api.op("delete_deployment_payload", deployment_id=first["deployment_id"])
     assert status == 200 and body["freed_bytes"] > 0
     status, again = await api.op("delete_deployment_payload", deployment_id=first["deployment_id"])
@@ -294,6 +292,19 @@ async def test_delete_payload_is_idempotent_and_keeps_record(api: Api) -> None:
         "deploy_component", project="web", rollback_from=first["deployment_id"]
     )
     assert status == 410 and body["code"] == "payload_gone"
+
+
+async def test_deleting_the_active_payload_warns_and_keeps_the_release_serving(api: Api) -> None:
+    # Harper's qa701: the running deploy's payload may be purged; the release stays.
+    _, first = await api.deploy("web", component(v="1"))
+    status, body = await api.op("delete_deployment_payload", deployment_id=first["deployment_id"])
+    assert status == 200 and body["freed_bytes"] > 0
+    assert "can no longer converge" in body["warning"]
+    assert _current(api, "web") == first["deployment_id"]
+    release = Services(api.app).ctx.components.release_dir("web", first["deployment_id"])
+    assert (release / "index.html").is_file()
+    rec = await _record(api, first["deployment_id"])
+    assert rec["status"] == "success" and rec["payload_blob_present"] is False
 
 
 async def test_rollback_from_reapplies_exact_blob(api: Api) -> None:
@@ -322,7 +333,7 @@ async def test_components_and_drop(api: Api) -> None:
     assert web["nodes"][0]["node"] == "n1"
     status, body = await api.op("drop_component", project="web")
     assert status == 200, body
-    assert api.app[SERVICES].ctx.components.current("web") is None
+    assert Services(api.app).ctx.components.current("web") is None
     status, comps = await api.op("get_components")
     assert comps["components"] == []
     status, body = await api.op("drop_component", project="web")
@@ -349,7 +360,7 @@ async def test_package_from_allowed_local_dir(aiohttp_client: Any, tmp_path: Any
     api = _Api(await aiohttp_client(app), app)
     status, body = await api.op("deploy_component", project="site", package=str(pkg))
     assert status == 200, body
-    rel = app[SERVICES].ctx.components.release_dir("site", body["deployment_id"])
+    rel = Services(app).ctx.components.release_dir("site", body["deployment_id"])
     assert (rel / "index.html").read_text() == "hi"
     assert not (rel / ".git").exists() and not (rel / "secret.env").exists()
     status, body = await api.op("deploy_component", project="site", package="/etc")

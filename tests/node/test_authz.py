@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from node.app import registry
-from node.appkeys import SERVICES
+from node.appkeys import Services
 
 PASSWORD = "matrix-password-1"
 READER_OPS = ["list_deployments", "get_deployment"]
@@ -40,7 +40,7 @@ TABLES = ("deployments", "deployment_events", "node_results", "payload_drops", "
 
 async def _snapshot(api: Api) -> dict[str, Any]:
     """Everything a call could change: row counts and contents, blobs, files on disk."""
-    services = api.app[SERVICES]
+    services = Services(api.app)
     db = services.store.db
     snap: dict[str, Any] = {}
     for table in TABLES:
@@ -58,12 +58,12 @@ async def _snapshot(api: Api) -> dict[str, Any]:
 
 
 async def _counts(api: Api) -> dict[str, int]:
-    db = api.app[SERVICES].store.db
+    db = Services(api.app).store.db
     out = {}
     for table in TABLES:
         row = await db.fetchone(f"SELECT COUNT(*) AS n FROM {table}")
         out[table] = row["n"]
-    out["blobs"] = api.app[SERVICES].ctx.blobs.stats()[0]
+    out["blobs"] = Services(api.app).ctx.blobs.stats()[0]
     return out
 
 
@@ -189,9 +189,9 @@ async def test_refused_multipart_deploy_leaves_no_row_and_no_blob(
         resp = await api.client.post("/", data=form, headers={"Authorization": users[who]})
         assert resp.status == 403, who
         assert await _counts(api) == before
-    blobs = api.app[SERVICES].ctx.blobs.root
+    blobs = Services(api.app).ctx.blobs.root
     assert not [p for p in blobs.rglob("*") if p.is_file()]
-    assert not (api.app[SERVICES].ctx.components.root / "web").exists()
+    assert not (Services(api.app).ctx.components.root / "web").exists()
 
 
 def _basic_raw(raw: bytes) -> str:
@@ -312,7 +312,7 @@ async def test_metrics_are_prometheus_text_with_deploys_bytes_and_latency(api: A
     samples = _samples(await resp.text())
     assert samples[("cairn_deployments", (("status", "success"),))] == 2
     assert samples[("cairn_deployments", (("status", "failed"),))] == 1
-    _, size = api.app[SERVICES].ctx.blobs.stats()
+    _, size = Services(api.app).ctx.blobs.stats()
     assert samples[("cairn_payload_bytes", ())] == size > 0
     assert samples[("cairn_payload_blobs", ())] == 3
     received = samples[("cairn_payload_received_bytes_total", ())]

@@ -76,9 +76,9 @@ async def test_stalled_body_is_cut_off_and_recorded(tmp_path: Path) -> None:
         response = await asyncio.wait_for(reader.read(65536), 10)
         assert b"upload_failed" in response
         writer.close()
-        from node.appkeys import SERVICES
+        from node.appkeys import Services
 
-        store = runner.app[SERVICES].store
+        store = Services(runner.app).store
         (d,) = await store.deployments()
         assert d.status == "failed" and d.error is not None
         assert d.error["code"] == "upload_failed"

@@ -30,7 +30,7 @@ import pytest
 from helpers import ADMIN, Api, basic, component, make_config
 
 from node.app import ClusterHooks, create_app, registry
-from node.appkeys import SERVICES, Services
+from node.appkeys import CONFIG, Services
 from node.config import Config, PeerEntry
 from node.deploy.extract import ExtractLimits
 from replication.tls import check_node_credentials, init_ca, issue_node_cert
@@ -50,7 +50,7 @@ async def _app_api(aiohttp_client: Any, config: Config, **kwargs: Any) -> Api:
 
 
 def _services(api: Api) -> Services:
-    return api.app[SERVICES]
+    return Services(api.app)
 
 
 async def _rows(api: Api) -> dict[str, int]:
@@ -324,8 +324,8 @@ class _UnconnectedCluster(ClusterHooks):
         raise BlobMissing(payload_hash)
 
 
-async def _unconnected(config: Config, services: Services) -> AsyncIterator[ClusterHooks]:
-    yield _UnconnectedCluster(config)
+async def _unconnected(app: Any) -> AsyncIterator[ClusterHooks]:
+    yield _UnconnectedCluster(app[CONFIG])
 
 
 def _clustered_config(tmp_path: Path) -> Config:

@@ -26,12 +26,13 @@ from procs import NodeProcess
 from relay import Relay
 
 from node.app import create_app
-from node.appkeys import SERVICES
+from node.appkeys import Services
 from node.client import Client, Upload
 from node.client_stream import StreamEvent
 from node.deploy.recorder import Recorder
 from node.sse_parser import SseComment, SseMessage, SseParser
-from storage.store import DeploymentFilter, Store
+from storage.listing import DeploymentFilter
+from storage.store import Store
 
 SSE = {"Accept": "text/event-stream"}
 
@@ -57,7 +58,7 @@ def noisy(first: int, *, gate: Path | None = None, then: int = 0, pause_every: i
 
 
 def store_of(api: Api) -> Store:
-    return api.app[SERVICES].ctx.store
+    return Services(api.app).ctx.store
 
 
 class Stream:
@@ -230,7 +231,8 @@ async def test_failed_deploy_ends_with_error_event(api: Api) -> None:
     body = json.loads(last.data)
     assert body["code"] == "install_failed" and body["phase"] == "install"
     assert body["deployment_id"] == s.events[0][2]["deployment_id"]
-    assert {"stream": "stdout", "line": "about to fail"} in body["install_output"]["lines"]
+    lines = [(x["stream"], x["line"], x.get("hook")) for x in body["install_output"]["lines"]]
+    assert ("stdout", "about to fail", "install") in lines
 
 
 async def test_errors_before_the_stream_are_plain_json(api: Api) -> None:
@@ -347,14 +349,14 @@ async def test_noisy_install_costs_a_bounded_number_of_transactions(
     api: Api, tmp_path: Path
 ) -> None:
     store = store_of(api)
-    before = await store.head_seq()
+    before = store.logs.own_head
     status, _ = await api.deploy("quiet", noisy(0))
     assert status == 200
-    quiet = await store.head_seq() - before
-    before = await store.head_seq()
+    quiet = store.logs.own_head - before
+    before = store.logs.own_head
     status, body = await api.deploy("loud", noisy(5000))
     assert status == 200, body
-    loud = await store.head_seq() - before
+    loud = store.logs.own_head - before
     events = await store.events(body["deployment_id"])
     assert events[-1].seq > 5000 and len(events) == 200  # every line got a seq
     # Each batch of lines is one transaction and one change-log entry: 5000 lines cost a
@@ -369,13 +371,13 @@ async def test_recorder_batches_lines(api: Api) -> None:
     did = body["deployment_id"]
     top = (await store.events(did))[-1].seq
     rec = Recorder(store, did, flush_interval_s=3600, max_buffered=1000)
-    before = await store.head_seq()
+    before = store.logs.own_head
     for i in range(5000):
         await rec.line("stdout", f"line {i}")
-    assert await store.head_seq() - before == 5  # one transaction per 1000 lines
+    assert store.logs.own_head - before == 5  # one transaction per 1000 lines
     await rec.line("stdout", "one more")
     await rec.close()
-    assert await store.head_seq() - before == 6
+    assert store.logs.own_head - before == 6
     events = await store.events(did)
     assert events[-1].seq == top + 5001 and events[-1].data["line"] == "one more"
     assert [e.data["line"] for e in events[-179:-1]] == [f"line {i}" for i in range(4822, 5000)]

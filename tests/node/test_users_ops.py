@@ -7,7 +7,7 @@ from typing import Any
 
 from helpers import ADMIN, Api, basic
 
-from node.appkeys import SERVICES
+from node.appkeys import Services
 from node.auth import verify_password
 
 PW = "first-password-1"
@@ -75,7 +75,7 @@ async def test_user_and_role_lifecycle_in_harper_shapes(api: Api) -> None:
 async def test_passwords_are_scrypt_hashes_and_never_returned(api: Api) -> None:
     await api.op("add_user", username="bob", password=PW, role="super_user")
     await api.op("add_user", username="carol", password=PW, role="super_user")
-    store = api.app[SERVICES].store
+    store = Services(api.app).store
     rows = {
         r["username"]: r["password_hash"]
         for r in await store.db.fetchall("SELECT username, password_hash FROM users")
@@ -100,7 +100,7 @@ async def test_passwords_are_scrypt_hashes_and_never_returned(api: Api) -> None:
         assert rows["bob"].split("$")[-1] not in text
     # ... nor does the database hold the password itself, in any file.
     await store.db.fetchall("PRAGMA wal_checkpoint(FULL)")
-    data_dir = api.app[SERVICES].ctx.blobs.root.parent
+    data_dir = Services(api.app).ctx.blobs.root.parent
     for f in data_dir.glob("cairn.db*"):
         assert PW.encode() not in f.read_bytes(), f
 
@@ -193,12 +193,12 @@ async def test_errors_name_the_field(api: Api) -> None:
         ("read_audit_log", {"table": "users", "limit": 0}, 400, "limit"),
         ("read_audit_log", {"table": "users", "since": "yesterday"}, 400, "since"),
     ]  # fmt: skip
-    before = await api.app[SERVICES].store.db.fetchone("SELECT COUNT(*) AS n FROM changelog")
+    before = await Services(api.app).store.db.fetchone("SELECT COUNT(*) AS n FROM changelog")
     for op, fields, status, field in cases:
         got, body = await api.op(op, **fields)
         assert (got, body.get("field")) == (status, field), (op, fields, body)
         assert body["error"] and body["code"], body
-    after = await api.app[SERVICES].store.db.fetchone("SELECT COUNT(*) AS n FROM changelog")
+    after = await Services(api.app).store.db.fetchone("SELECT COUNT(*) AS n FROM changelog")
     assert after["n"] == before["n"], "a refused call wrote something"
     # The admin is still active: the refused self-deactivation changed nothing.
     assert (await _users(api))[ADMIN[0]]["active"] is True

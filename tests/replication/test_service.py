@@ -14,7 +14,7 @@ from mesh import FAST, Mesh, dump, new_deployment, wait_until
 from procs import free_port
 
 from node.app import create_app
-from node.appkeys import SERVICES, Services
+from node.appkeys import Services
 from node.cluster import cluster_factory
 from node.config import parse_config
 from replication.codec import decode, encode
@@ -355,7 +355,7 @@ async def test_three_node_apps_deploy_end_to_end(
         apis[name] = Api(await aiohttp_client(app), app)
 
     def services(name: str) -> Services:
-        return apis[name].app[SERVICES]
+        return apis[name].Services(app)
 
     await wait_until(
         lambda: all(services(n).ctx.cluster.connected() == set(names) - {n} for n in names),
