@@ -222,7 +222,7 @@ async def _accounts(app: web.Application) -> AsyncIterator[None]:
     config, accounts = app[CONFIG], app[ACCOUNTS]
     joining = app.get(CLUSTER) is not None and bool(config.peers)
     tasks = TaskSet("accounts")
-    if joining and not await accounts.list_users():
+    if joining and not await accounts.user_known(config.auth.bootstrap_user):
         tasks.spawn(_bootstrap(app), name="bootstrap-accounts")
     else:
         await _bootstrap(app)
@@ -282,11 +282,8 @@ async def _bootstrap(app: web.Application) -> None:
         log.warning("bootstrap_without_peers", waited_s=wait_s)
     if await accounts.get_role(SUPER_USER_ROLE) is None:
         await accounts.put_role(SUPER_USER_ROLE, {"super_user": True, "operations": []}, by=None)
-    if (
-        await accounts.get_user(config.auth.bootstrap_user) is not None
-        or await accounts.list_users()
-    ):
-        return
+    if await accounts.user_known(config.auth.bootstrap_user):
+        return  # never overwrite (or bring back) a user the cluster has or had
     password = config.auth.bootstrap_password
     if not password:
         password = secrets.token_urlsafe(18)

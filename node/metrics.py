@@ -45,6 +45,32 @@ class Metrics:
         self.peer_lag = Gauge(
             "cairn_peer_lag_changes", "Changes behind a peer", ["peer"], registry=r
         )
+        self.quarantined = Gauge(
+            "cairn_replication_quarantined_total",
+            "Changes from a peer quarantined (from their writer, but breaking the rules)",
+            ["peer"],
+            registry=r,
+        )
+        self.refused = Gauge(
+            "cairn_replication_refused_total",
+            "Changes from a peer refused (not signed by their writer)",
+            ["peer"],
+            registry=r,
+        )
+        self.parked = Gauge(
+            "cairn_replication_parked",
+            "Changes parked because their version is too far ahead of this node's clock",
+            registry=r,
+        )
+        self.changelog_entries = Gauge(
+            "cairn_changelog_entries", "Entries held in this node's change log", registry=r
+        )
+        self.changelog_trimmed = Gauge(
+            "cairn_changelog_trimmed_total",
+            "Change log entries trimmed, by reason",
+            ["reason"],
+            registry=r,
+        )
 
     async def render(
         self, store: Store, blobs: BlobStore, cluster: dict[str, Any] | None = None
@@ -63,8 +89,18 @@ class Metrics:
         self.peer_connected.clear()
         self.peer_lag.clear()
         for peer in (cluster or {}).get("peers", []):
-            self.peer_connected.labels(peer=peer["name"]).set(int(peer["state"] == "connected"))
+            name = peer["name"]
+            self.peer_connected.labels(peer=name).set(int(peer["state"] == "connected"))
             if peer.get("lag_changes") is not None:
-                self.peer_lag.labels(peer=peer["name"]).set(peer["lag_changes"])
+                self.peer_lag.labels(peer=name).set(peer["lag_changes"])
+            self.quarantined.labels(peer=name).set(peer.get("quarantined", 0))
+            self.refused.labels(peer=name).set(peer.get("refused", 0))
+        parked = await store.db.fetchone("SELECT COUNT(*) AS n FROM changelog WHERE state = 1")
+        self.parked.set(int(parked["n"]) if parked else 0)
+        log = (cluster or {}).get("changelog") or {}
+        if log.get("entries") is not None:
+            self.changelog_entries.set(log["entries"])
+        for reason in ("members", "age", "size"):
+            self.changelog_trimmed.labels(reason=reason).set(log.get(f"trimmed_by_{reason}", 0))
         out: bytes = generate_latest(self.registry)
         return out

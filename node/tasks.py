@@ -31,6 +31,11 @@ class TaskSet:
     def __len__(self) -> int:
         return len(self._tasks)
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has begun: nothing new may start."""
+        return self._closed
+
     def spawn(self, coro: Coroutine[Any, Any, T], *, name: str) -> asyncio.Task[T]:
         """Start ``coro`` as a task owned by this set; its failure is logged."""
         if self._closed:

@@ -39,6 +39,10 @@ class Accounts:
         row = await self._live(USERS, username)
         return None if row is None else user_from(row)
 
+    async def user_known(self, username: str) -> bool:
+        """Whether the cluster has (or had: a deleted user leaves a tombstone) this user."""
+        return await self.store.get_row(USERS, (username,)) is not None
+
     async def list_users(self) -> list[User]:
         return [user_from(r) for r in await self._all(USERS)]
 

@@ -245,6 +245,8 @@ class Reconciler:
 
     def converge_soon(self, project: str) -> None:
         """Converge ``project`` (once more, if a convergence is running)."""
+        if self.tasks.closed:
+            return
         if project in self._converging:
             self._again.add(project)
             return
@@ -253,7 +255,7 @@ class Reconciler:
 
         def done(_task: asyncio.Task[None]) -> None:
             self._converging.pop(project, None)
-            if project in self._again:
+            if project in self._again and not self.tasks.closed:
                 self._again.discard(project)
                 self.converge_soon(project)
 

@@ -14,12 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from helpers import wait_until
+
+from node.auth import hash_password
 from procs import free_port
 
 from replication.channel import TlsTransport
 from replication.membership import PeerAddress
 from replication.service import ReplicationService
 from replication.session import Settings
+from replication.signing import Keyring, NodeSigner
 from replication.sslctx import client_ssl_context, server_ssl_context
 from replication.tls import NodeCertFiles, cluster_id_for_ca, init_ca, issue_node_cert
 from storage.accounts import Accounts
@@ -27,7 +30,10 @@ from storage.blobs import BlobStore
 from storage.records import DeploymentStatus
 from storage.store import Store
 
-__all__ = ["FAST", "Mesh", "Node", "dump", "new_deployment", "wait_until"]
+__all__ = ["FAST", "HASH", "Mesh", "Node", "dump", "new_deployment", "wait_until"]
+
+#: A valid stored password (scrypt with the smallest allowed cost: cheap in tests).
+HASH = hash_password("not-a-real-password", n=1 << 10)
 
 HOSTS = ("127.0.0.1", "localhost")
 # Quick heartbeats and reconnects so failure tests end in well under a second or two.
@@ -37,8 +43,11 @@ FAST = Settings(
 _REPLICATED = {
     "deployments": "deployment_id",
     "deployment_events": "deployment_id, seq",
+    "event_batches": "deployment_id, first_seq",
     "node_results": "deployment_id, node",
-    "payload_drops": "deployment_id",
+    "node_components": "node, project",
+    "pins": "deployment_id, node",
+    "payload_drops": "deployment_id, node",
     "users": "username",
     "roles": "role",
     "members": "name",
@@ -61,9 +70,9 @@ def new_deployment(node: str, project: str = "web") -> dict[str, Any]:
         "package_identifier": None, "payload_hash": "ab" * 32, "payload_size": 10,
         "status": DeploymentStatus.PENDING, "phase": "receive", "expected_nodes": [node],
         "activate_nodes": [], "origin_node": node, "restart_mode": None, "replicated": True,
-        "ignore_replication_errors": False, "timeout_ms": 1000, "deadline_at": None,
+        "ignore_replication_errors": False, "timeout_ms": 1000,
         "started_at": int(time.time() * 1000), "completed_at": None, "user": "admin",
-        "rollback_of": None, "error": None, "pinned": False,
+        "rollback_of": None, "superseded_by": None, "error": None,
     }  # fmt: skip
 
 
@@ -76,6 +85,7 @@ class Node:
     store: Store
     blobs: BlobStore
     certs: NodeCertFiles
+    signer: NodeSigner
     service: ReplicationService | None = None
     peers: list[PeerAddress] = field(default_factory=list)
 
@@ -125,9 +135,11 @@ class Mesh:
         for name in names:
             data = self.root / name
             data.mkdir(parents=True, exist_ok=True)
-            store = await Store.open(data / "cairn.db", node=name)
+            certs = self.issue(name)
+            signer = NodeSigner.load(certs.cert, certs.key)
+            store = await Store.open(data / "cairn.db", node=name, signer=signer)
             self.nodes[name] = Node(
-                name, free_port(), store, BlobStore(data / "blobs"), self.issue(name)
+                name, free_port(), store, BlobStore(data / "blobs"), certs, signer
             )
         for node in self.nodes.values():
             node.peers = [
@@ -138,10 +150,13 @@ class Mesh:
     async def start(self, name: str, settings: Settings | None = None) -> ReplicationService:
         node = self.nodes[name]
         assert node.service is None
+        keyring = Keyring(self.ca.read_bytes())
+        keyring.add(node.signer.cert_der)
         node.service = ReplicationService(
             node=name, store=node.store, blobs=node.blobs, cluster_id=self.cluster_id,
             peers=node.peers, transport=self.transport(node.certs, node.port),
-            settings=settings or self.settings,
+            settings=settings or self.settings, keyring=keyring,
+            own_cert=node.signer.cert_der,
         )  # fmt: skip
         await node.service.start()
         return node.service

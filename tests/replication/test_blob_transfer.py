@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mesh import FAST, Mesh, wait_until
+from mesh import FAST, HASH, Mesh, wait_until
 
 from replication.blobs import BlobReceiver
 from replication.errors import ProtocolError
@@ -156,7 +156,7 @@ async def test_change_batches_are_not_starved_by_a_transfer(mesh: Mesh) -> None:
     info = await put_blob(a.blobs, os.urandom(32 * MiB))
     fetch = asyncio.create_task(b.svc.fetch(info.hash, info.size))
     await wait_until(lambda: b.blobs.partial_offset(info.hash) > 0, what="transfer started")
-    await a.accounts.put_user("urgent", password_hash="h", role="r", by="admin")
+    await a.accounts.put_user("urgent", password_hash=HASH, role="r", by="admin")
     await wait_until(lambda: b.accounts.get_user("urgent"), what="row replicated")
     in_flight = (await peer_status(mesh, "b"))["a"]["transfers"]
     assert not b.blobs.has(info.hash) and in_flight[0]["hash"] == info.hash

@@ -14,13 +14,14 @@ from replication.codec import DEFAULT_LIMITS, FrameLimits, decode, encode
 from replication.errors import ProtocolError
 from replication.messages import (
     PROTOCOL_VERSION,
+    Batch,
     BlobCredit,
-    ChangeEntry,
-    Changes,
+    Certs,
     Chunk,
     Credit,
     End,
     Hello,
+    LogRange,
     Message,
     Missing,
     Ping,
@@ -29,44 +30,41 @@ from replication.messages import (
     Subscribe,
     Want,
     Welcome,
+    WireEntry,
 )
 
 H = "0123456789abcdef" * 4
 CID = "00112233aabbccdd"
+LOG1 = "n1/" + "a" * 32
+LOG2 = "n2/" + "b" * 32
 MESSAGE_TYPES = typing.get_args(Message)
 
 
-def entry(seq: int, **kw: Any) -> ChangeEntry:
+def entry(oseq: int, **kw: Any) -> WireEntry:
     base: dict[str, Any] = {
-        "seq": seq,
-        "tbl": "deployments",
-        "key": "8d0c1f8e-6e1b-4d0a-9a57-0d6c2f4b9e11",
-        "version": (1_700_000_000_000 << 16) | 3,
-        "origin": "n1",
-        "op": "upsert",
-        "data": {"status": "success", "n": [1, 2.5, None, True], "blob": b"\x00\xff", "é": "ü"},
-        "user": "admin",
-        "t": 1_700_000_000_000,
+        "log_id": LOG1,
+        "oseq": oseq,
+        "writer": "n1",
+        "key_id": "c" * 32,
+        "body": b"\x9b\x01" + bytes(range(40)),
+        "sig": b"\x30" * 70,
     }
-    return ChangeEntry(**{**base, **kw})
+    return WireEntry(**{**base, **kw})
 
 
 SAMPLES: list[Message] = [
-    Hello(PROTOCOL_VERSION, CID, "n2", ("blobs", "snapshot")),
-    Welcome(PROTOCOL_VERSION, CID, "n1", ()),
+    Hello(PROTOCOL_VERSION, CID, "n2", ("blobs", "snapshot"), LOG2),
+    Welcome(PROTOCOL_VERSION, CID, "n1", (), LOG1),
     Refuse("node 'n9' is not a member of this cluster"),
-    Subscribe(after_seq=0, credit=4),
-    Credit(batches=2),
-    Changes(
-        entries=(
-            entry(5),
-            entry(7, op="delete", data=None, user=None),
-            entry(9, data=[{"a": {"b": []}}]),
-        ),
-        last_seq=10,
-        head_seq=12,
+    Subscribe(positions={LOG1: 4, LOG2: 0}, scope="relay", exclude=(LOG2,), credit=4),
+    Credit(batches=2, positions={LOG1: 9}),
+    Batch(
+        ranges=(LogRange(LOG1, 4, 9, False), LogRange(LOG2, 0, 30, True)),
+        entries=(entry(5), entry(6), entry(12, log_id=LOG2, writer="n2", key_id="unsigned")),
+        lag_entries=3,
+        lag_bytes=900,
     ),
-    Changes(entries=(), last_seq=3, head_seq=3),
+    Certs((b"0\x82" + b"d" * 300,)),
     Want(hash=H, offset=1 << 40),
     Chunk(hash=H, offset=65536, data=bytes(range(256)) * 4),
     End(hash=H, size=2**63 - 1),
@@ -75,6 +73,7 @@ SAMPLES: list[Message] = [
     Ping(t=123),
     Pong(t=0),
 ]
+BATCH = 5
 
 
 def wire(msg: Message) -> dict[str, Any]:
@@ -103,18 +102,19 @@ def test_round_trip(msg: Message) -> None:
 
 def test_frames_are_tagged_maps_with_time_as_ts() -> None:
     assert wire(Ping(t=5)) == {"t": "ping", "ts": 5}
-    assert wire(Credit(batches=1)) == {"t": "credit", "batches": 1}
-    changes = wire(Changes(entries=(entry(1),), last_seq=1, head_seq=1))
-    assert changes["entries"][0]["t"] == 1_700_000_000_000  # entries are untagged
+    assert wire(Credit(batches=1, positions={})) == {"t": "credit", "batches": 1, "positions": {}}
+    batch = wire(Batch((LogRange(LOG1, 0, 1, False),), (entry(1),), 0, 0))
+    assert batch["entries"][0][:3] == [LOG1, 1, "n1"]  # entries are arrays
+    assert batch["ranges"] == [[LOG1, 0, 1, False]]
 
 
 def test_decoded_caps_and_entries_are_tuples() -> None:
     hello = decode(encode(SAMPLES[0]))
     assert isinstance(hello, Hello)
     assert hello.caps == ("blobs", "snapshot")
-    changes = decode(encode(SAMPLES[5]))
-    assert isinstance(changes, Changes)
-    assert isinstance(changes.entries, tuple)
+    batch = decode(encode(SAMPLES[BATCH]))
+    assert isinstance(batch, Batch)
+    assert isinstance(batch.entries, tuple) and isinstance(batch.ranges, tuple)
 
 
 def test_decode_accepts_bytearray_and_memoryview() -> None:
@@ -130,7 +130,7 @@ def test_encode_refuses_an_oversize_frame() -> None:
 
 def test_encode_translates_unencodable_values() -> None:
     with pytest.raises(ProtocolError, match="cannot encode"):
-        encode(Changes(entries=(entry(1, data={"x": object()}),), last_seq=1, head_seq=1))
+        encode(Refuse(reason=object()))  # type: ignore[arg-type]
 
 
 # -- hostile frames -------------------------------------------------------------------
@@ -141,7 +141,7 @@ WRONG_BY_TYPE: dict[type, list[Any]] = {
     bytes: ["x", None, 1, [1]],
     list: [{}, "x", None, 1],
 }
-NULLABLE = {"data", "user"}
+NULLABLE: set[str] = set()
 
 
 def _wrong_values(name: str, value: Any) -> list[Any]:
@@ -164,13 +164,19 @@ def _field_cases() -> list[tuple[str, bytes]]:
             for bad in _wrong_values(name, value):
                 cases.append((f"{msg.TYPE}-{name}={bad!r}", pack({**base, name: bad})))
         cases.append((f"{msg.TYPE}-extra", pack({**base, "extra": 1})))
-    base = wire(Changes(entries=(entry(1),), last_seq=1, head_seq=1))
-    for name, value in base["entries"][0].items():
-        for bad in [*_wrong_values(name, value), "\x00" * 5000]:
-            bad_entry = {**base["entries"][0], name: bad}
-            cases.append((f"entry-{name}={bad!r:.20}", pack({**base, "entries": [bad_entry]})))
-        short = {k: v for k, v in base["entries"][0].items() if k != name}
-        cases.append((f"entry-missing-{name}", pack({**base, "entries": [short]})))
+    base = wire(Batch((LogRange(LOG1, 0, 1, False),), (entry(1),), 0, 0))
+    for i, value in enumerate(base["entries"][0]):
+        for bad in [*_wrong_values(str(i), value), "\x00" * 5000]:
+            bad_entry = list(base["entries"][0])
+            bad_entry[i] = bad
+            cases.append((f"entry-{i}={bad!r:.20}", pack({**base, "entries": [bad_entry]})))
+        short = [v for j, v in enumerate(base["entries"][0]) if j != i]
+        cases.append((f"entry-missing-{i}", pack({**base, "entries": [short]})))
+    for i, value in enumerate(base["ranges"][0]):
+        for bad in _wrong_values(str(i), value):
+            bad_range = list(base["ranges"][0])
+            bad_range[i] = bad
+            cases.append((f"range-{i}={bad!r:.20}", pack({**base, "ranges": [bad_range]})))
     return cases
 
 
@@ -187,20 +193,29 @@ def _deep(levels: int) -> Any:
     return data
 
 
-def _changes_frame(**entry_fields: Any) -> bytes:
-    base = wire(Changes(entries=(entry(1),), last_seq=1, head_seq=1))
-    base["entries"][0].update(entry_fields)
+def _batch_frame(**changes: Any) -> bytes:
+    base = wire(SAMPLES[BATCH])
+    base.update(changes)
+    return pack(base)
+
+
+def _entry_frame(index: int, value: Any) -> bytes:
+    base = wire(SAMPLES[BATCH])
+    e = list(base["entries"][0])
+    e[index] = value
+    base["entries"] = [e]
     return pack(base)
 
 
 HOSTILE: dict[str, bytes] = {
     "empty": b"",
-    "truncated": encode(SAMPLES[5])[:-3],
+    "truncated": encode(SAMPLES[BATCH])[:-3],
     "trailing-bytes": encode(Ping(t=1)) + b"\xc0",
     "two-frames": encode(Ping(t=1)) * 2,
     "not-a-map": pack(["ping", 1]),
     "scalar": pack(7),
     "unknown-type": pack({"t": "exec", "cmd": "rm -rf /"}),
+    "old-changes-frame": pack({"t": "changes", "entries": [], "last_seq": 1, "head_seq": 1}),
     "missing-type": pack({"ts": 1}),
     "type-not-str": pack({"t": 1, "ts": 1}),
     "int-map-key": b"\x82\xa1t\xa4ping\x01\x01",
@@ -209,17 +224,16 @@ HOSTILE: dict[str, bytes] = {
     "non-utf8": b"\x82\xa1t\xa6refuse\xa6reason\xa2\xff\xfe",
     "surrogate": b"\x82\xa1t\xa6refuse\xa6reason\xa3\xed\xa0\x80",
     "timestamp-ext": pack({"t": "ping", "ts": msgpack.Timestamp(1)}),
-    "ext-in-data": _changes_frame(data={"x": msgpack.ExtType(5, b"abc")}),
-    "uint64-in-data": _changes_frame(data={"x": 2**64 - 1}),
-    "nan-in-data": _changes_frame(data={"x": float("nan")}),
-    "inf-in-data": _changes_frame(data=[float("-inf")]),
-    "too-deep": _changes_frame(data=_deep(40)),
+    "ext-in-body": _entry_frame(4, msgpack.ExtType(5, b"abc")),
+    "uint64-oseq": _entry_frame(1, 2**64 - 1),
+    "nan-lag": _batch_frame(lag_bytes=float("nan")),
+    "too-deep": _batch_frame(ranges=_deep(40)),
     "deeper-than-msgpack": b"\x91" * 5000 + b"\x01",
     "negative-offset": pack({"t": "want", "hash": H, "offset": -1}),
-    "negative-seq": pack({"t": "subscribe", "after_seq": -5, "credit": 1}),
+    "negative-position": pack({"t": "credit", "batches": 1, "positions": {LOG1: -5}}),
     "uint64-offset": pack({"t": "want", "hash": H, "offset": 2**64 - 1}),
-    "bool-as-int": pack({"t": "credit", "batches": True}),
-    "float-as-int": pack({"t": "credit", "batches": 1.0}),
+    "bool-as-int": pack({"t": "credit", "batches": True, "positions": {}}),
+    "float-as-int": pack({"t": "credit", "batches": 1.0, "positions": {}}),
     "hash-uppercase": pack({"t": "missing", "hash": H.upper()}),
     "hash-short": pack({"t": "missing", "hash": H[:-1]}),
     "hash-long": pack({"t": "missing", "hash": H + "0"}),
@@ -227,22 +241,29 @@ HOSTILE: dict[str, bytes] = {
     "hash-nonhex": pack({"t": "missing", "hash": "g" * 64}),
     "hash-bytes": pack({"t": "missing", "hash": H.encode()}),
     "chunk-data-str": pack({"t": "chunk", "hash": H, "offset": 0, "data": "text"}),
-    "bad-op": _changes_frame(op="drop_table"),
-    "bad-origin": _changes_frame(origin="../n1"),
-    "bad-table": _changes_frame(tbl="users; DROP"),
-    "data-scalar": _changes_frame(data=5),
-    "entry-not-map": pack({"t": "changes", "entries": [[1, 2]], "last_seq": 1, "head_seq": 1}),
-    "entries-out-of-order": pack(
-        {**wire(SAMPLES[5]), "entries": list(reversed(wire(SAMPLES[5])["entries"]))}
-    ),
-    "duplicate-seq": pack({**wire(SAMPLES[5]), "entries": [wire(SAMPLES[5])["entries"][0]] * 2}),
-    "last-before-entries": pack({**wire(SAMPLES[5]), "last_seq": 8, "head_seq": 12}),
-    "head-before-last": pack({**wire(SAMPLES[5]), "head_seq": 9}),
+    "writer-not-of-log": _entry_frame(2, "n2"),
+    "log-id-short": _entry_frame(0, "n1/abc"),
+    "log-id-no-writer": _entry_frame(0, "a" * 32),
+    "log-id-path": _entry_frame(0, "../n1/" + "a" * 32),
+    "oseq-zero": _entry_frame(1, 0),
+    "key-id-bad": _entry_frame(3, "K" * 32),
+    "body-empty": _entry_frame(4, b""),
+    "body-too-big": _entry_frame(4, b"x" * (256 * 1024 + 1)),
+    "sig-too-big": _entry_frame(5, b"x" * 1000),
+    "entry-not-array": _batch_frame(entries=[{"log_id": LOG1}]),
+    "range-ends-before-start": _batch_frame(ranges=[[LOG1, 9, 4, False]]),
+    "range-bad-log": _batch_frame(ranges=[["nope", 0, 1, False]]),
+    "position-bad-log": pack({"t": "credit", "batches": 1, "positions": {"x": 1}}),
+    "subscribe-bad-scope": pack({**wire(SAMPLES[3]), "scope": "all"}),
+    "subscribe-bad-exclude": pack({**wire(SAMPLES[3]), "exclude": ["x"]}),
+    "hello-log-of-another-node": pack({**wire(SAMPLES[0]), "log_id": LOG1}),
     "bad-node-name": pack({**wire(SAMPLES[0]), "node": "n 2"}),
     "bad-cluster-id": pack({**wire(SAMPLES[0]), "cluster_id": "XYZ"}),
     "bad-cap": pack({**wire(SAMPLES[0]), "caps": ["Blobs!"]}),
     "too-many-caps": pack({**wire(SAMPLES[0]), "caps": [f"c{i}" for i in range(65)]}),
     "huge-reason": pack({"t": "refuse", "reason": "x" * 5000}),
+    "huge-cert": pack({"t": "certs", "certs": [b"x" * 20_000]}),
+    "cert-not-bytes": pack({"t": "certs", "certs": ["pem"]}),
 }
 
 
@@ -255,26 +276,27 @@ def test_hostile_frames_raise_protocol_error(name: str) -> None:
 def test_msgpack_errors_are_chained() -> None:
     with pytest.raises(ProtocolError) as info:
         decode(HOSTILE["trailing-bytes"])
-    assert isinstance(info.value.__cause__, msgpack.ExtraData)
+    assert isinstance(info.value.__cause__.__cause__, msgpack.ExtraData)
 
 
 def test_limits_are_enforced() -> None:
     chunk = encode(Chunk(hash=H, offset=0, data=b"x" * 4096))
-    with pytest.raises(ProtocolError, match="exceeds the limit"):
+    with pytest.raises(ProtocolError, match="exceed the limit"):
         decode(chunk, FrameLimits(max_frame_bytes=4096))
     assert decode(chunk, FrameLimits(max_frame_bytes=len(chunk))).TYPE == "chunk"
 
-    nested = _changes_frame(data=_deep(5))
-    assert decode(nested, FrameLimits(max_depth=8)).TYPE == "changes"
-    with pytest.raises(ProtocolError, match="deeper than 7"):
-        decode(nested, FrameLimits(max_depth=7))
+    nested = pack({"t": "refuse", "reason": "x", "extra": _deep(5)})
+    with pytest.raises(ProtocolError, match="deeper than 5"):
+        decode(nested, FrameLimits(max_depth=5))
+    with pytest.raises(ProtocolError, match="unknown field"):  # depth fine, field not
+        decode(nested, FrameLimits(max_depth=8))
 
-    many = _changes_frame(data=[list(range(25)), list(range(25))])  # 68 items in all
-    with pytest.raises(ProtocolError, match="more than 40 items"):
-        decode(many, FrameLimits(max_items=40))
-    assert decode(many, FrameLimits(max_items=68)).TYPE == "changes"
+    many = pack({"t": "certs", "certs": [b"x"] * 30})  # 32 items in all
+    with pytest.raises(ProtocolError, match="more than 20 items"):
+        decode(many, FrameLimits(max_items=20))
+    assert decode(many, FrameLimits(max_items=40)).TYPE == "certs"
     with pytest.raises(ProtocolError, match="max_array_len"):  # one container alone
-        decode(_changes_frame(data=list(range(50))), FrameLimits(max_items=40))
+        decode(pack({"t": "certs", "certs": [b"x"] * 50}), FrameLimits(max_items=40))
 
 
 def test_default_limits() -> None:
@@ -284,7 +306,7 @@ def test_default_limits() -> None:
 
 
 def test_non_bytes_input() -> None:
-    with pytest.raises(ProtocolError, match="must be bytes"):
+    with pytest.raises(ProtocolError, match="expected bytes"):
         decode("ping")  # type: ignore[arg-type]
 
 
@@ -358,14 +380,14 @@ def test_fuzz_structured_field_replacement() -> None:
         for _ in range(rng.randint(1, 3)):
             frame[rng.choice(names)] = _random_value(rng)
         if "entries" in frame and isinstance(frame["entries"], list) and frame["entries"]:
-            e = dict(rng.choice(bases[5]["entries"]))
-            e[rng.choice([*e])] = _random_value(rng)
+            e = list(rng.choice(bases[BATCH]["entries"]))
+            e[rng.randrange(len(e))] = _random_value(rng)
             frame["entries"] = [e]
         _decode_or_protocol_error(pack(frame))
 
 
 def test_message_classes_are_frozen_and_slotted() -> None:
-    for cls in (*MESSAGE_TYPES, ChangeEntry):
+    for cls in (*MESSAGE_TYPES, WireEntry, LogRange):
         assert dataclasses.is_dataclass(cls)
         assert "__slots__" in vars(cls)
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -14,7 +14,7 @@ import aiohttp
 import msgpack
 import pytest
 from helpers import make_config
-from mesh import FAST, Mesh, Node, dump, wait_until
+from mesh import FAST, HASH, Mesh, Node, dump, wait_until
 from structlog.testing import capture_logs
 
 from node.app import create_app
@@ -29,12 +29,13 @@ from replication.codec import FrameLimits, encode
 from replication.handshake import client_hello
 from replication.messages import (
     PROTOCOL_VERSION,
-    ChangeEntry,
-    Changes,
+    Batch,
     Hello,
+    LogRange,
     Refuse,
     Subscribe,
     Welcome,
+    WireEntry,
 )
 from replication.session import CAPS
 from replication.sslctx import client_ssl_context
@@ -58,12 +59,12 @@ async def target(mesh: Mesh) -> Node:
     """Node ``a`` running, with ``b`` and ``c`` configured members that are not running."""
     a, _b, _c = await mesh.add("a", "b", "c")
     await mesh.start("a")
-    await a.accounts.put_user("existing", password_hash="h", role="r", by="admin")
+    await a.accounts.put_user("existing", password_hash=HASH, role="r", by="admin")
     return a
 
 
 async def _snapshot(node: Node) -> tuple[Any, ...]:
-    return (await dump(node.store), await node.store.head_seq(), await node.store.cursors())
+    return (await dump(node.store), node.store.logs.positions())
 
 
 def _refusals(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -124,10 +125,10 @@ async def _answer_to(mesh: Mesh, target: Node, name: str, hello: Hello) -> Any:
 @pytest.mark.parametrize(
     ("cert", "hello", "reason"),
     [
-        ("n9", client_hello("n9", "{cid}", CAPS), "'n9' is not a member"),
-        ("b", client_hello("c", "{cid}", CAPS), "certificate is for 'b'"),
-        ("b", client_hello("b", "0123456789abcdef", CAPS), "does not match this cluster"),
-        ("b", Hello(PROTOCOL_VERSION + 1, "{cid}", "b", CAPS), "not supported"),
+        ("n9", client_hello("n9", "{cid}", CAPS, "n9/" + "0" * 32), "'n9' is not a member"),
+        ("b", client_hello("c", "{cid}", CAPS, "c/" + "0" * 32), "certificate is for 'b'"),
+        ("b", client_hello("b", "0123456789abcdef", CAPS, "b/" + "0" * 32), "does not match this cluster"),
+        ("b", Hello(PROTOCOL_VERSION + 1, "{cid}", "b", CAPS, "b/" + "0" * 32), "not supported"),
     ],
     ids=["not-a-member", "hello-names-another-node", "other-cluster", "other-protocol"],
 )
@@ -182,10 +183,11 @@ async def test_hostile_frame_from_a_dialler_closes_the_channel(
         channel = await transport.dial("a", target.url)
         assert isinstance(channel, WebSocketChannel)
         if when == "after-subscribe":
-            await channel.send(client_hello("b", mesh.cluster_id, CAPS))
+            await channel.send(client_hello("b", mesh.cluster_id, CAPS, "b/" + "0" * 32))
             assert isinstance(await channel.receive(), Welcome)
-            await channel.send(Subscribe(after_seq=0, credit=1))
-            assert isinstance(await channel.receive(), Changes)
+            await channel.send(Subscribe(positions={}, scope="own", exclude=(), credit=1))
+            while not isinstance(await channel.receive(), Batch):  # certificates first
+                pass
         await channel.send_raw(HOSTILE_FROM_DIALLER[name])
         with pytest.raises(ChannelClosed):
             async with asyncio.timeout(5):
@@ -206,7 +208,9 @@ async def _fake_listener(
     async def accept(channel: Channel) -> None:
         hello = await channel.receive()
         assert isinstance(hello, Hello)
-        await channel.send(Welcome(PROTOCOL_VERSION, mesh.cluster_id, name, CAPS))
+        await channel.send(
+            Welcome(PROTOCOL_VERSION, mesh.cluster_id, name, CAPS, f"{name}/" + "f" * 32)
+        )
         assert isinstance(await channel.receive(), Subscribe)
         await script(channel)
 
@@ -214,29 +218,15 @@ async def _fake_listener(
     return transport
 
 
-def _entry(seq: int, tbl: str, key: str, data: dict[str, Any]) -> ChangeEntry:
-    return ChangeEntry(seq, tbl, key, (1 << 60) + seq, "b", "upsert", data, None, 0)
-
-
-USER = {"username": "mallory", "password_hash": "h", "role": "super_user", "active": True,
-        "deleted": False}  # fmt: skip
+LOG_B = "b/" + "f" * 32
+_ENTRY = WireEntry(LOG_B, 1, "b", "unsigned", b"\x9b\x01", b"")
 HOSTILE_FROM_LISTENER: dict[str, bytes] = {
-    "not-replicated-table": encode(
-        Changes(
-            (
-                _entry(1, "users", "mallory", USER),
-                _entry(2, "peer_cursors", "a", {"peer": "a", "seq": 10**9}),
-            ),
-            last_seq=2,
-            head_seq=2,
-        )
-    ),
-    "malformed-row": encode(
-        Changes((_entry(1, "users", "mallory", {"username": 5}),), last_seq=1, head_seq=1)
-    ),
-    "gap": encode(Changes((_entry(9, "users", "mallory", USER),), 9, 9, after_seq=8)),
+    # Structure the codec refuses, and batches apply refuses whole: the channel closes.
+    "entry-outside-its-range": encode(Batch((LogRange(LOG_B, 5, 9, False),), (_ENTRY,), 0, 0)),
+    "dense-range-missing-entries": encode(Batch((LogRange(LOG_B, 0, 3, False),), (_ENTRY,), 0, 0)),
     "garbage": b"\x92\x01",
     "deep": msgpack.packb({"t": "pong", "ts": _deep(100)}),
+    "oversize": b"\xc4" + b"\x00" * (300 << 10),
 }
 
 
@@ -308,7 +298,7 @@ async def test_admin_port_has_no_websocket_route(aiohttp_client: Any, tmp_path: 
     for path in ("/cairn/peer/v1", "/", "/health"):
         with pytest.raises(aiohttp.WSServerHandshakeError):
             await client.ws_connect(path)
-    frame = encode(client_hello("b", "0123456789abcdef", CAPS))
+    frame = encode(client_hello("b", "0123456789abcdef", CAPS, "b/" + "0" * 32))
     resp = await client.post("/", data=frame, headers={"Content-Type": "application/x-msgpack"})
     assert resp.status in (400, 401)
 

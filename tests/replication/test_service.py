@@ -10,18 +10,16 @@ from typing import Any
 
 import pytest
 from helpers import ADMIN, Api, component
-from mesh import FAST, Mesh, dump, new_deployment, wait_until
+from mesh import FAST, HASH, Mesh, dump, new_deployment, wait_until
 from procs import free_port
 
 from node.app import create_app
 from node.appkeys import Services
-from node.cluster import cluster_factory
+from node.cluster import cluster_factory, load_signer
 from node.config import parse_config
 from replication.codec import decode, encode
-from replication.errors import ProtocolError
-from replication.messages import Changes
+from replication.messages import Batch, LogRange, WireEntry
 from replication.peer_queue import Backoff, ChangeReceiver, PeerStats
-from replication.sender import fit_batch
 from replication.session import Settings
 from storage.records import DeploymentStatus, NodeStatus
 from storage.store import Store
@@ -39,7 +37,7 @@ async def _write_some(store: Store, tag: str, users: int = 3) -> str:
     )
     await store.put_result(d.deployment_id, status=NodeStatus.STAGED, phase="stage")
     for i in range(users):
-        await Accounts(store).put_user(f"{tag}{i}", password_hash="h", role="r", by="admin")
+        await Accounts(store).put_user(f"{tag}{i}", password_hash=HASH, role="r", by="admin")
     return d.deployment_id
 
 
@@ -66,12 +64,13 @@ async def test_two_nodes_replicate_both_ways(mesh: Mesh) -> None:
     assert [e.event for e in await b.store.events(did)] == ["deployment", "install"]
     assert [r.node for r in await b.store.results(did)] == ["a"]
 
-    # Each side's cursor into the other's log reaches its head, past the entries it
-    # skipped (b's own writes, relayed back by a), and nothing is left to send.
-    async def caught_up() -> bool:
-        return await b.store.cursor("a") == await a.store.head_seq()
-
-    await wait_until(caught_up, what="b's cursor at a's head")
+    # Each side holds the other's log up to its head, and nothing is left to send; b's
+    # own writes never came back to it.
+    await wait_until(
+        lambda: b.store.logs.head(a.store.log_id) == a.store.logs.own_head,
+        what="b holds a's log",
+    )
+    assert a.store.logs.head(b.store.log_id) == b.store.logs.own_head
     status = await b.svc.status()
     assert status["peers"][0]["lag_changes"] == 0
     assert status["peers"][0]["lag_bytes"] == 0
@@ -86,37 +85,37 @@ async def test_three_nodes_converge(mesh: Mesh) -> None:
         await _write_some(n.store, f"by-{n.name}-")
     # Concurrent writes of one row on every node: last writer wins everywhere.
     for n in nodes:
-        await n.accounts.put_user("shared", password_hash=n.name, role="r", by=n.name)
+        await n.accounts.put_user("shared", password_hash=HASH, role=f"r{n.name}", by=n.name)
 
     await wait_until(lambda: _converged(*(n.store for n in nodes)), what="3 identical stores")
-    winners = {(await n.accounts.get_user("shared")).password_hash for n in nodes}  # type: ignore[union-attr]
+    winners = {(await n.accounts.get_user("shared")).role for n in nodes}  # type: ignore[union-attr]
     assert len(winners) == 1
     assert len((await dump(nodes[0].store))["users"]) == 3 * 3 + 1
 
 
-async def test_restart_resumes_from_stored_cursor(mesh: Mesh) -> None:
+async def test_restart_resumes_from_stored_position(mesh: Mesh) -> None:
     a, b = await mesh.add("a", "b")
     await mesh.start("a")
     await mesh.start("b")
     await mesh.connected("a", "b")
     for i in range(10):
-        await a.accounts.put_user(f"u{i}", password_hash="h", role="r", by="admin")
+        await a.accounts.put_user(f"u{i}", password_hash=HASH, role="r", by="admin")
     await wait_until(lambda: _converged(a.store, b.store), what="first ten")
     await mesh.stop("b")
-    cursor = await b.store.cursor("a")
-    assert cursor == await a.store.head_seq()
+    position = b.store.logs.head(a.store.log_id)
+    assert position == a.store.logs.own_head
 
     for i in range(10, 15):
-        await a.accounts.put_user(f"u{i}", password_hash="h", role="r", by="admin")
+        await a.accounts.put_user(f"u{i}", password_hash=HASH, role="r", by="admin")
     assert (await b.accounts.get_user("u14")) is None
     await mesh.start("b")
     await wait_until(lambda: _converged(a.store, b.store), what="the five written meanwhile")
     peer = (await b.svc.status())["peers"][0]
     # Only what was written while b was away travelled: the subscription started at the
-    # stored cursor, not at zero.
+    # stored position, not at zero.
     assert peer["changes_received"] == 5
     assert peer["changes_applied"] == 5
-    assert await b.store.cursor("a") == cursor + 5
+    assert b.store.logs.head(a.store.log_id) == position + 5
 
 
 async def test_transitive_while_origin_is_down(mesh: Mesh) -> None:
@@ -136,64 +135,59 @@ async def test_transitive_while_origin_is_down(mesh: Mesh) -> None:
     assert peers["a"]["state"] != "connected"
     assert peers["a"]["changes_received"] == 0
     assert peers["b"]["changes_applied"] >= 6  # deployment, events, result, three users
+    assert peers["b"]["scope"] == "relay" and peers["b"]["refused"] == 0
 
 
-async def _batches(store: Store, receiver: str, limit: int) -> list[Changes]:
-    """The sender's batches for ``receiver``, through the codec (what the wire carries)."""
-    out, after, head = [], 0, await store.head_seq()
+async def _batches(store: Store, limit: int) -> list[Batch]:
+    """A sender's batches of its own log, through the codec (what the wire carries)."""
+    out: list[Batch] = []
+    after = 0
     while True:
-        changes, last = await store.changes_after(after, limit=limit, skip_origin=receiver)
-        if last == after:
+        chunk = await store.read_log(store.log_id, after, max_entries=limit, max_bytes=1 << 20)
+        if chunk.last == after:
             return out
-        entries, last = fit_batch(changes, last, FAST)
-        msg = Changes(entries, last_seq=last, head_seq=head, after_seq=after, lag_bytes=0)
+        msg = Batch(
+            (LogRange(store.log_id, after, chunk.last, chunk.compacted),),
+            tuple(WireEntry(e.log_id, e.oseq, e.writer, e.key_id, e.body, e.sig)
+                  for e in chunk.entries),
+            0, 0,
+        )  # fmt: skip
         decoded = decode(encode(msg))
-        assert isinstance(decoded, Changes)
+        assert isinstance(decoded, Batch)
         out.append(decoded)
-        after = last
+        after = chunk.last
 
 
-async def test_duplicated_and_reordered_batches_leave_identical_state(tmp_path: Path) -> None:
-    a = await Store.open(tmp_path / "a.db", node="a")
-    relay = await Store.open(tmp_path / "b.db", node="b")
-    receivers = [await Store.open(tmp_path / f"r{i}.db", node="r") for i in range(4)]
-    try:
-        first = await _write_some(a, "u", users=5)
-        await _write_some(a, "u", users=5)  # newer versions of the same users
-        await a.write_deployment(first, {"status": DeploymentStatus.FAILED})
-        batches = await _batches(a, "r", limit=3)
-        assert len(batches) > 4
+async def test_duplicated_and_reordered_batches_leave_identical_state(mesh: Mesh) -> None:
+    a, *receivers = await mesh.add("a", "r0", "r1", "r2")
+    first = await _write_some(a.store, "u", users=5)
+    await _write_some(a.store, "u", users=5)  # newer versions of the same users
+    await a.store.write_deployment(first, {"status": DeploymentStatus.FAILED})
+    batches = await _batches(a.store, limit=3)
+    assert len(batches) > 4
 
-        async def feed(store: Store, peer: str, seq: list[Changes]) -> None:
-            rx = ChangeReceiver(store, peer, await store.cursor(peer), PeerStats())
-            for batch in seq:
-                await rx.on_changes(batch)
+    async def feed(node: Any, seq: list[Batch]) -> list[Any]:
+        rx = ChangeReceiver(node.store, "a", a.store.log_id, PeerStats(), keyring=None,
+                            max_clock_offset_ms=60_000)  # fmt: skip
+        return [await rx.on_batch(batch) for batch in seq]
 
-        await feed(receivers[0], "a", batches)  # in order: the reference
-        # Every batch twice, then everything again newest first (all behind the cursor).
-        await feed(receivers[1], "a", [b for b in batches for _ in (0, 1)])
-        await feed(receivers[1], "a", list(reversed(batches)))
-        # A batch that skips ahead is refused whole; delivery then resumes at the cursor.
-        rx = ChangeReceiver(receivers[2], "a", 0, PeerStats())
-        with pytest.raises(ProtocolError, match="starts after seq"):
-            await rx.on_changes(batches[1])
-        assert await receivers[2].head_seq() == 0 and await receivers[2].cursor("a") == 0
-        await feed(receivers[2], "a", batches)
-        # The same rows by another path first (relayed by b), then from a itself.
-        await feed(relay, "a", batches)
-        await feed(receivers[3], "b", list(await _batches(relay, "r", limit=4)))
-        await feed(receivers[3], "a", batches)
+    await feed(receivers[0], batches)  # in order: the reference
+    # Every batch twice, then everything again newest first (all behind the position).
+    await feed(receivers[1], [b for b in batches for _ in (0, 1)])
+    await feed(receivers[1], list(reversed(batches)))
+    # A batch that skips ahead is a gap: nothing of it applies; delivery then resumes.
+    (report,) = await feed(receivers[2], [batches[1]])
+    assert report.gaps == [a.store.log_id] and report.applied == 0
+    assert receivers[2].store.logs.head(a.store.log_id) == 0
+    await feed(receivers[2], batches)
 
-        reference = await dump(receivers[0])
-        assert reference["users"] and reference["deployment_events"]
-        for other in receivers[1:]:
-            assert await dump(other) == reference
-        assert reference == await dump(a)
-        d = await receivers[1].get_deployment(first)
-        assert d is not None and d.status is DeploymentStatus.FAILED
-    finally:
-        for s in (a, relay, *receivers):
-            await s.close()
+    reference = await dump(receivers[0].store)
+    assert reference["users"] and reference["deployment_events"]
+    for other in receivers[1:]:
+        assert await dump(other.store) == reference
+    assert reference == await dump(a.store)
+    d = await receivers[1].store.get_deployment(first)
+    assert d is not None and d.status is DeploymentStatus.FAILED
 
 
 # -- membership and status ------------------------------------------------------------
@@ -211,7 +205,7 @@ async def test_cluster_status_shapes_and_states(mesh: Mesh) -> None:
         await mesh.start("a")
         await mesh.start("b")
         await mesh.connected("a", "b")
-        await a.accounts.put_user("x", password_hash="h", role="r", by="admin")
+        await a.accounts.put_user("x", password_hash=HASH, role="r", by="admin")
         await wait_until(lambda: _converged(a.store, b.store))
 
         async def settled() -> dict[str, Any] | None:
@@ -285,7 +279,7 @@ async def test_stop_leaves_nothing_running(mesh: Mesh) -> None:
     await mesh.start("a")
     await mesh.start("b")
     await mesh.connected("a", "b")
-    await a.accounts.put_user("x", password_hash="h", role="r", by="admin")
+    await a.accounts.put_user("x", password_hash=HASH, role="r", by="admin")
     await wait_until(lambda: _converged(a.store, b.store))
     await mesh.stop("a")
     await mesh.stop("b")
@@ -351,11 +345,11 @@ async def test_three_node_apps_deploy_end_to_end(
             base=tmp_path,
             env={},
         )
-        app = create_app(config, cluster_factory=cluster_factory)
+        app = create_app(config, cluster_factory=cluster_factory, signer=load_signer(config))
         apis[name] = Api(await aiohttp_client(app), app)
 
     def services(name: str) -> Services:
-        return apis[name].Services(app)
+        return Services(apis[name].app)
 
     await wait_until(
         lambda: all(services(n).ctx.cluster.connected() == set(names) - {n} for n in names),
