@@ -29,8 +29,9 @@ from node.deploy.context import BlobFetcher, ClusterView, DeployContext, SoloClu
 from node.deploy.hooks import HookGroups
 from node.deploy.origin import Origin
 from node.deploy.reconciler import Reconciler
+from node.deploy.supervisor import Supervisor
 from node.metrics import Metrics
-from node.operations import cluster, deployments, payloads, users
+from node.operations import cluster, components, deployments, payloads, users
 from node.operations.registry import Registry
 from node.tasks import TaskSet
 from storage.accounts import Accounts
@@ -63,6 +64,7 @@ def registry() -> Registry:
     r = Registry()
     for family in (deployments.registry, payloads.registry, users.registry, cluster.registry):
         r.merge(family)
+    r.merge(components.registry)
     return r
 
 
@@ -166,6 +168,10 @@ def create_app(
         services.auth = Authenticator(services.accounts)
         await _bootstrap(services.accounts, config)
         services.tasks = TaskSet("node")
+        services.supervisor = Supervisor(
+            node=config.node.name, run_dir=data / "run", settings=config.components
+        )
+        await services.supervisor.recover({})  # stops [run] processes a crash left behind
         solo = SoloCluster(config.node.name)
         services.ctx = DeployContext(
             node=config.node.name,
@@ -182,6 +188,7 @@ def create_app(
             yield
         finally:
             await services.tasks.close()
+            await services.supervisor.close()
             await store.close()
 
     async def cluster_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from node.deploy.context import DeployContext
     from node.deploy.origin import Origin
     from node.deploy.reconciler import Reconciler
+    from node.deploy.supervisor import Supervisor
     from node.metrics import Metrics
     from node.tasks import TaskSet
     from storage.accounts import Accounts
@@ -39,6 +40,7 @@ class Services:
     ctx: DeployContext = field(init=False)
     origin: Origin = field(init=False)
     reconciler: Reconciler = field(init=False)
+    supervisor: Supervisor = field(init=False)
     cluster_status: Callable[[], Awaitable[dict[str, Any]]] | None = None
 
 
