@@ -50,6 +50,12 @@ class ReadyResult:
         """True unless the new release's process failed: then the caller rolls back."""
         return self.outcome in (Outcome.READY, Outcome.NO_PROCESS, Outcome.UNCHANGED)
 
+    @property
+    def code(self) -> str | None:
+        """The error code of a rolled-back deploy when not ``ok`` (``not_ready``: the
+        process exited, was not ready in time, or could not start), else None."""
+        return None if self.ok else "not_ready"
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "outcome": str(self.outcome),
