@@ -98,9 +98,11 @@ async def wait_ready(spec: RunSpec, probe: Probe, exited: asyncio.Future[None]) 
             return ReadyCheck(False, False, str(e))
     deadline = time.monotonic() + spec.ready_timeout_s
     last = "no probe finished"
-    session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(force_close=True), auto_decompress=False
-    )
+    session = None
+    if url is not None:
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(force_close=True), auto_decompress=False
+        )
     try:
         while True:
             remaining = deadline - time.monotonic()
@@ -108,7 +110,7 @@ async def wait_ready(spec: RunSpec, probe: Probe, exited: asyncio.Future[None]) 
                 return ReadyCheck(
                     False, False, f"not ready within {spec.ready_timeout_s:g} s ({last})"
                 )
-            if url is not None:
+            if session is not None and url is not None:
                 attempt = _get(session, url, min(remaining, probe.try_timeout_s))
             else:
                 assert spec.ready_command is not None
@@ -130,7 +132,8 @@ async def wait_ready(spec: RunSpec, probe: Probe, exited: asyncio.Future[None]) 
             if pause > 0 and await _exit_within(exited, pause):
                 return ReadyCheck(False, True, "exited")
     finally:
-        await session.close()
+        if session is not None:
+            await session.close()
 
 
 async def _exit_within(exited: asyncio.Future[None], seconds: float) -> bool:

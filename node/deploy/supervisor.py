@@ -174,7 +174,7 @@ class Supervisor:
             already runs is left alone and not listed).
         """
         self._check_open()
-        leftovers = self._records.leftovers(keep=set(self._own))
+        leftovers = await asyncio.to_thread(self._records.leftovers, set(self._own))
         if leftovers:
             grace = self.settings.stop_grace_s
             await asyncio.gather(*(stop_group(x.pgid, grace) for x in leftovers))

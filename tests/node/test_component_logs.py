@@ -32,11 +32,12 @@ async def _logs(api: Api, **fields: object) -> tuple[int, dict[str, object]]:
 async def test_logs_answer_the_newest_lines(api: Api, tmp_path: Path) -> None:
     await _run_web(api, tmp_path, PRINT_150)
 
-    async def has_oops() -> bool:
+    async def everything() -> bool:
         _, body = await _logs(api, project="web", lines=10_000)
-        return any(x["line"] == "oops" for x in body["lines"])  # type: ignore[union-attr]
+        seen = {(x["stream"], x["line"]) for x in body["lines"]}  # type: ignore[union-attr]
+        return {("stderr", "oops"), ("stdout", "line 149")} <= seen
 
-    await wait_until(has_oops)
+    await wait_until(everything)
     status, body = await _logs(api, project="web")
     assert status == 200
     assert set(body) == {"project", "node", "lines", "truncated"}
@@ -44,13 +45,15 @@ async def test_logs_answer_the_newest_lines(api: Api, tmp_path: Path) -> None:
     lines = body["lines"]
     assert isinstance(lines, list) and len(lines) == 100
     assert set(lines[0]) == {"t", "stream", "line"} and isinstance(lines[0]["t"], int)
-    assert {"stream": "stderr", "line": "oops"} in [
-        {"stream": x["stream"], "line": x["line"]} for x in lines
-    ]
     status, body = await _logs(api, project="web", lines=10_000)
-    streams = [x["stream"] for x in body["lines"]]  # type: ignore[union-attr]
+    everything_logged = [(x["stream"], x["line"]) for x in body["lines"]]  # type: ignore[union-attr]
     assert status == 200 and body["truncated"] is False
-    assert streams[0] == "cairn" and streams.count("stdout") == 150
+    assert everything_logged[0][0] == "cairn"  # "started pid ..."
+    assert [x for x in everything_logged if x[0] == "stdout"] == [
+        ("stdout", f"line {i}") for i in range(150)
+    ]
+    assert ("stderr", "oops") in everything_logged
+    assert lines == body["lines"][-100:]  # type: ignore[index]
 
 
 async def test_unknown_project_is_404_naming_it(api: Api) -> None:

@@ -112,7 +112,11 @@ async def test_ready_url_with_a_port_from_the_node_environment(tmp_path: Path) -
         spec = py(HTTP_SERVER, ready_url="http://127.0.0.1:${PORT}/health", ready_timeout_s=20)
         result = await sup.switch("web", dep, path, spec, restart=True)
         assert result.outcome == Outcome.READY, result
-        assert "served /health" in await _log_text(sup)
+
+        async def served() -> bool:
+            return "served /health" in await _log_text(sup)
+
+        await wait_until(served, what="the server's log line for the probe")
     finally:
         await sup.close()
 
@@ -243,15 +247,15 @@ async def test_restart_with_backoff_after_exits(tmp_path: Path) -> None:
 
 
 async def test_backoff_resets_after_the_process_stayed_up(tmp_path: Path) -> None:
-    sup = supervisor(tmp_path, restart_min_s=0.05, restart_max_s=5, restart_reset_s=0.9)
+    sup = supervisor(tmp_path, restart_min_s=0.05, restart_max_s=5, restart_reset_s=2.0)
     try:
         dep, path = release(tmp_path)
-        # Starts 1-3 exit after 0.35 s; start 4 stays up 1.2 s (past the reset); then quick.
+        # Starts 1-3 exit after 0.35 s; start 4 stays up 2.5 s (past the reset); then quick.
         spec = py(
             "import pathlib, time\n"
             "p = pathlib.Path('starts'); n = len(p.read_text()) + 1 if p.exists() else 1\n"
             "p.write_text('x' * n)\n"
-            "time.sleep(1.2 if n == 4 else 0.35)\n"
+            "time.sleep(2.5 if n == 4 else 0.35)\n"
             "raise SystemExit(1)"
         )
         assert (await sup.switch("web", dep, path, spec, restart=True)).ok
@@ -259,6 +263,27 @@ async def test_backoff_resets_after_the_process_stayed_up(tmp_path: Path) -> Non
         lines = await _log_text(sup)
         delays = [line.removeprefix("restarting in ") for line in lines if "restarting" in line]
         assert delays[:5] == ["0.05 s", "0.1 s", "0.2 s", "0.05 s", "0.1 s"]
+    finally:
+        await sup.close()
+
+
+async def test_switch_and_stop_during_the_backoff_delay(tmp_path: Path) -> None:
+    marker = f"CAIRN_RELEASE_DIR={tmp_path}"
+    sup = supervisor(tmp_path, restart_min_s=5, restart_max_s=5)
+    try:
+        v1, p1 = release(tmp_path)
+        v2, p2 = release(tmp_path)
+        crashing = py("import time; time.sleep(0.4); raise SystemExit(4)")
+        assert (await sup.switch("web", v1, p1, crashing, restart=True)).ok
+        await wait_until(lambda: sup.state("web").last_exit is not None, what="the exit")
+        assert not sup.state("web").running  # waiting 5 s to restart v1 ...
+        result = await sup.switch("web", v2, p2, py(WAIT), restart=True)  # ... v2 comes first
+        assert result.outcome == Outcome.READY and live_groups(marker) == {result.pid}
+        state = sup.state("web")
+        assert state.deployment_id == v2 and state.restarts == 0
+        assert await sup.stop("web") and live_groups(marker) == set()
+        assert not await sup.stop("web")  # nothing left to stop, nothing restarts
+        assert not sup.state("web").running and not sup.state("web").pending_deployment_id
     finally:
         await sup.close()
 

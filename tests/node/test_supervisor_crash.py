@@ -42,14 +42,15 @@ async def _run_and_sigkill_driver(run_dir: Path, deployment_id: str, path: Path)
         stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert driver.stdout is not None
-    line = b""
-    while not line.startswith(b"component-pid "):  # structlog prints to stdout too
-        line = await asyncio.wait_for(driver.stdout.readline(), 30)
-        assert line, "the driver exited"
-    pid = int(line.split()[1])
-    driver.send_signal(signal.SIGKILL)
-    assert await driver.wait() == -signal.SIGKILL
-    return pid
+    try:
+        line = b""
+        while not line.startswith(b"component-pid "):  # structlog prints to stdout too
+            line = await asyncio.wait_for(driver.stdout.readline(), 30)
+            assert line, "the driver exited"
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        assert await driver.wait() == -signal.SIGKILL
+    return int(line.split()[1])
 
 
 async def test_a_new_supervisor_stops_what_a_killed_one_left_and_starts_once(
