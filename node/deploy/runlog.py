@@ -49,10 +49,9 @@ class LogTail:
     truncated: bool
 
 
-def _format(entry: LogLine) -> str:
-    t = entry.t if entry.t is not None else 0
-    stamp = datetime.fromtimestamp(t / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
-    return f"{stamp}Z {entry.stream} {entry.line}\n"
+def _stamp(t: int | None) -> str:
+    when = datetime.fromtimestamp((t or 0) / 1000, UTC)
+    return when.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def _parse(raw: str) -> LogLine:
@@ -103,13 +102,18 @@ class RunLog:
         """
         if not entries:
             return
+        stamps: dict[int | None, str] = {}  # lines read together share their time
         with self._lock:
             self.directory.mkdir(parents=True, exist_ok=True)
             f = self.path.open("ab")
             try:
                 size = f.tell()
                 for entry in entries:
-                    data = _format(entry).encode("utf-8", "replace")
+                    stamp = stamps.get(entry.t)
+                    if stamp is None:
+                        stamp = stamps[entry.t] = _stamp(entry.t)
+                    text = f"{stamp} {entry.stream} {entry.line}\n"
+                    data = text.encode("utf-8", "replace")
                     if size and size + len(data) > self.max_bytes:
                         f.close()
                         self._rotate()
@@ -145,16 +149,39 @@ class RunLog:
             files = self._files()
             for i, path in enumerate(files):
                 try:
-                    raw = path.read_bytes()
+                    lines, more = _last_lines(path, count - len(collected))
                 except FileNotFoundError:
                     continue
-                # Only "\n" ends a line (str.splitlines would also split on \r, \f, ...).
-                lines = raw.decode("utf-8", "replace").split("\n")
-                if lines[-1] == "":
-                    lines.pop()
-                take = lines[-(count - len(collected)) :]
-                collected = [_parse(line) for line in take] + collected
+                collected = [_parse(line) for line in lines] + collected
                 if len(collected) >= count:
-                    older = len(lines) > len(take) or any(p.exists() for p in files[i + 1 :])
+                    older = more or any(p.exists() for p in files[i + 1 :])
                     return LogTail(tuple(collected), older)
             return LogTail(tuple(collected), False)
+
+
+_BLOCK = 64 * 1024
+
+
+def _last_lines(path: Path, count: int) -> tuple[list[str], bool]:
+    """The last ``count`` lines of a file, read backwards in blocks; and whether the
+    file holds more. Only "\\n" ends a line (``str.splitlines`` would also split on
+    "\\r", form feeds, ...).
+
+    Raises:
+        FileNotFoundError: no such file.
+    """
+    with path.open("rb") as f:
+        end = f.seek(0, os.SEEK_END)
+        pos, data = end, b""
+        # count + 1 newlines (or the start of the file) bound the last ``count`` lines.
+        while pos > 0 and data.count(b"\n") <= count:
+            step = min(_BLOCK, pos)
+            pos -= step
+            f.seek(pos)
+            data = f.read(step) + data
+    lines = data.decode("utf-8", "replace").split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    if pos > 0:
+        lines = lines[1:]  # the first one may be cut: the block began inside it
+    return lines[-count:], pos > 0 or len(lines) > count

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 from helpers import wait_until
 from supervision import py, release, supervisor
 
-from node.deploy.runlog import LogLine, RunLog
+from node.deploy.runlog import LogLine, RunLog, _last_lines
 from node.deploy.supervisor import Outcome
 
 
@@ -100,3 +101,21 @@ async def test_a_chatty_process_is_logged_within_the_bound(tmp_path: Path) -> No
         assert {x.stream for x in tail.lines} == {"stdout"}
     finally:
         await sup.close()
+
+
+def test_reading_backwards_matches_reading_everything(tmp_path: Path) -> None:
+    rng = random.Random(7)
+    path = tmp_path / "f.log"
+    for trial in range(30):
+        lines = [
+            "x" * rng.choice([0, 1, 50, 4000, 70_000]) + str(i) for i in range(rng.randint(0, 60))
+        ]
+        torn = rng.random() < 0.3
+        path.write_text("\n".join(lines) + ("" if torn or not lines else "\n"))
+        every = path.read_bytes().decode().split("\n")
+        if every[-1] == "":
+            every.pop()
+        for count in (1, 2, 7, 59, 61, 500):
+            got, more = _last_lines(path, count)
+            assert got == every[-count:], (trial, count)
+            assert more == (len(every) > count), (trial, count)
