@@ -37,24 +37,27 @@ from node.appkeys import (
     RECONCILER,
     SEAMS,
     STORE,
+    SUPERVISOR,
     Seams,
 )
 from node.auth import SUPER_USER_ROLE, Authenticator, hash_password
 from node.config import Config
+from node.deploy.component_config import RunSpec, load_component_config
 from node.deploy.components import Components
 from node.deploy.context import (
     BlobFetcher,
     ClusterView,
     ComponentRunner,
     DeployContext,
-    NoRunner,
     SoloCluster,
 )
 from node.deploy.hooks import HookGroups
 from node.deploy.origin import Origin
 from node.deploy.reconciler import Reconciler
+from node.deploy.supervisor import Supervisor
+from node.errors import DeployFailed
 from node.metrics import Metrics
-from node.operations import cluster, deployments, payloads, users
+from node.operations import cluster, components, deployments, payloads, users
 from node.operations.registry import Registry
 from node.startup import align_releases, sweep_storage
 from node.tasks import TaskSet
@@ -106,7 +109,10 @@ _SIGNER: web.AppKey[Signer] = web.AppKey("signer")
 
 def registry() -> Registry:
     r = Registry()
-    for family in (deployments.registry, payloads.registry, users.registry, cluster.registry):
+    for family in (
+        deployments.registry, payloads.registry, users.registry, cluster.registry,
+        components.registry,
+    ):  # fmt: skip
         r.merge(family)
     return r
 
@@ -233,9 +239,16 @@ async def _accounts(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _deploys(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
     factory = app[_RUNNER_FACTORY]
-    runner = factory(app) if factory is not None else NoRunner()
+    supervisor = Supervisor(
+        node=config.node.name, run_dir=config.node.data_dir / "run", settings=config.components
+    )
+    app[SUPERVISOR] = supervisor
+    runner: ComponentRunner = factory(app) if factory is not None else supervisor
     app[DEPLOY] = ctx = replace(app[DEPLOY], runner=runner)
+    # Processes a killed node left behind are stopped; each active release runs again.
+    await supervisor.recover(await _active_runs(ctx))
     tasks = app[DEPLOY_TASKS] = TaskSet("deploys")
     app[ORIGIN] = Origin(ctx, tasks)
     interrupted = await app[ORIGIN].recover()
@@ -253,9 +266,7 @@ async def _deploys(app: web.Application) -> AsyncIterator[None]:
         running = len(tasks)
         await background.close()
         await tasks.close()
-        close = getattr(runner, "close", None)
-        if close is not None:
-            await close()
+        await supervisor.close()
         log.info(
             "node_shutdown_summary",
             node=app[CONFIG].node.name,
@@ -267,6 +278,19 @@ async def _deploys(app: web.Application) -> AsyncIterator[None]:
 
 async def _now() -> None:
     return None
+
+
+async def _active_runs(ctx: DeployContext) -> dict[str, tuple[str, Path, RunSpec | None]]:
+    """What each project runs here: its active release and that release's ``[run]``."""
+    out: dict[str, tuple[str, Path, RunSpec | None]] = {}
+    for project, row in (await ctx.store.active_releases()).items():
+        release = ctx.components.release_dir(project, row["deployment_id"])
+        try:
+            spec = load_component_config(release).run
+        except DeployFailed:
+            spec = None
+        out[project] = (row["deployment_id"], release, spec)
+    return out
 
 
 async def _bootstrap(app: web.Application) -> None:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from node.deploy.context import DeployContext
     from node.deploy.origin import Origin
     from node.deploy.reconciler import Reconciler
+    from node.deploy.supervisor import Supervisor
     from node.metrics import Metrics
     from node.tasks import TaskSet
     from storage.accounts import Accounts
@@ -43,6 +44,7 @@ __all__ = [
     "RECONCILER",
     "SEAMS",
     "STORE",
+    "SUPERVISOR",
     "Seams",
     "Services",
 ]
@@ -70,6 +72,7 @@ DEPLOY_TASKS: web.AppKey[TaskSet] = web.AppKey("deploy_tasks")
 ORIGIN: web.AppKey[Origin] = web.AppKey("origin")
 RECONCILER: web.AppKey[Reconciler] = web.AppKey("reconciler")
 CLUSTER_STATUS: web.AppKey[StatusProvider | None] = web.AppKey("cluster_status")
+SUPERVISOR: web.AppKey[Supervisor] = web.AppKey("supervisor")
 
 
 class Services:
@@ -111,6 +114,10 @@ class Services:
     @property
     def reconciler(self) -> Reconciler:
         return self._app[RECONCILER]
+
+    @property
+    def supervisor(self) -> Supervisor:
+        return self._app[SUPERVISOR]
 
     @property
     def cluster_status(self) -> StatusProvider | None:

@@ -25,6 +25,7 @@ from replication.session import Settings
 __all__ = [
     "AdminConfig",
     "AuthConfig",
+    "ComponentsConfig",
     "Config",
     "ConfigError",
     "DeployConfig",
@@ -146,6 +147,51 @@ class RetentionConfig:
     keep_releases: int = 3
 
 
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@dataclass(frozen=True, slots=True)
+class ComponentsConfig:
+    """Supervised ``[run]`` processes (see docs/components.md).
+
+    ``env`` holds ``NAME=value`` entries added to every run process's environment (and
+    its ``ready_command``), and usable as ``${NAME}`` in a ``ready_url`` port: how an
+    operator gives each node its own port, say. ``CAIRN_*`` names are reserved.
+    """
+
+    log_max_bytes: int = 1 * MiB  # per file; output.log plus log_backups rotated files
+    log_backups: int = 3
+    stop_grace_s: float = 10.0  # SIGTERM → SIGKILL, when [run] stop_grace_s is not set
+    restart_min_s: float = 1.0  # first restart delay after an exit; doubles per exit
+    restart_max_s: float = 60.0
+    restart_reset_s: float = 60.0  # up this long → the next exit restarts after min again
+    settle_s: float = 0.5  # ready without a probe: still running after this long
+    ready_interval_s: float = 0.25  # between readiness probes
+    ready_try_timeout_s: float = 5.0  # one ready_url request
+    env: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.log_max_bytes < 1024:
+            raise ConfigError("[components] log_max_bytes must be at least 1024")
+        if self.restart_min_s <= 0 or self.restart_max_s < self.restart_min_s:
+            raise ConfigError("[components] needs 0 < restart_min_s <= restart_max_s")
+        for name in ("stop_grace_s", "ready_interval_s", "ready_try_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"[components] {name} must be positive")
+        for entry in self.env:
+            name, eq, _ = entry.partition("=")
+            if not eq or not _ENV_NAME_RE.fullmatch(name) or "\0" in entry:
+                raise ConfigError(f"[components] env entry {entry!r} must be NAME=value")
+            if name.startswith("CAIRN_"):
+                raise ConfigError(f"[components] env: {name} is reserved (CAIRN_*)")
+
+    @property
+    def environment(self) -> dict[str, str]:
+        """``env`` as a mapping (a later entry for a name wins)."""
+        pairs = (entry.partition("=") for entry in self.env)
+        return {name: value for name, _, value in pairs}
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     node: NodeConfig
@@ -158,6 +204,7 @@ class Config:
     deploy: DeployConfig = field(default_factory=DeployConfig)
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    components: ComponentsConfig = field(default_factory=ComponentsConfig)
     log_level: str = "info"
 
     @property
@@ -176,6 +223,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "deploy": DeployConfig,
     "replication": ReplicationConfig,
     "retention": RetentionConfig,
+    "components": ComponentsConfig,
 }
 
 
@@ -299,6 +347,7 @@ def parse_config(
         deploy=sections.get("deploy", DeployConfig()),
         replication=sections.get("replication", ReplicationConfig()),
         retention=sections.get("retention", RetentionConfig()),
+        components=sections.get("components", ComponentsConfig()),
         log_level=log_level,
     )
 

@@ -71,16 +71,16 @@ async def activate_here(ctx: DeployContext, d: Deployment, *, restart: bool) -> 
         log.warning("switch_failed", project=project, deployment_id=d.deployment_id, error=str(e))
         raise ActivationFailed("activation_failed", f"switching to the release failed: {e}") from e
     spec = _run_spec(release)
-    running = ctx.runner.state(project) is not None
+    # ``restart: false`` leaves a running process alone; one not running yet starts.
+    running = ctx.runner.state(project).running
     result = await ctx.runner.switch(
         project, d.deployment_id, release, spec, restart=restart or not running
     )
-    if not getattr(result, "ready", True):
-        reason = getattr(result, "reason", None) or "not ready"
+    if not result.ok:
         log.warning("release_not_ready", project=project, deployment_id=d.deployment_id,
-                    reason=reason)  # fmt: skip
+                    reason=result.message)  # fmt: skip
         await _switch_back(ctx, project, previous)
-        raise ActivationFailed("not_ready", str(reason))
+        raise ActivationFailed(result.code or "not_ready", result.message)
     payload_hash = d.payload_hash
     await ctx.store.set_active(project, d.deployment_id, payload_hash)
     log.info("release_activated", project=project, deployment_id=d.deployment_id,
@@ -97,9 +97,9 @@ async def _switch_back(ctx: DeployContext, project: str, previous: str | None) -
     ctx.components.activate(project, previous)
     release = ctx.components.release_dir(project, previous)
     result = await ctx.runner.switch(project, previous, release, _run_spec(release), restart=True)
-    if not getattr(result, "ready", True):
+    if not result.ok:
         log.error("previous_release_not_ready", project=project, deployment_id=previous,
-                  reason=getattr(result, "reason", None))  # fmt: skip
+                  reason=result.message)  # fmt: skip
 
 
 async def deactivate_here(ctx: DeployContext, project: str) -> str | None:

@@ -13,13 +13,14 @@ import asyncio
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from node.config import Limits, RetentionConfig
 from node.deploy.component_config import RunSpec
 from node.deploy.components import Components
 from node.deploy.extract import ExtractLimits
 from node.deploy.hooks import HookGroups
+from node.deploy.runstate import Outcome, ProcessState, ReadyResult
 from storage.blobs import BlobStore
 from storage.errors import BlobMissing
 from storage.faults import NO_FAULTS, Faults
@@ -32,7 +33,6 @@ __all__ = [
     "DeployContext",
     "NoRunner",
     "ProjectLocks",
-    "ReadyResult",
     "SoloCluster",
 ]
 
@@ -60,18 +60,9 @@ class BlobFetcher(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
-class ReadyResult:
-    """Whether a component's process came up ready after a switch, and if not, why."""
-
-    ready: bool
-    reason: str | None = None
-    #: The last lines of the process's output, when it failed.
-    output: tuple[str, ...] = ()
-
-
 class ComponentRunner(Protocol):
-    """Runs each project's ``[run]`` process for its active release."""
+    """Runs each project's ``[run]`` process for its active release (the
+    :class:`~node.deploy.supervisor.Supervisor`)."""
 
     async def switch(
         self,
@@ -81,18 +72,17 @@ class ComponentRunner(Protocol):
         spec: RunSpec | None,
         *,
         restart: bool,
-    ) -> Any:
+    ) -> ReadyResult:
         """Make ``project``'s process run from ``release_dir`` and wait until it is ready
-        (``restart=False``: leave the process alone). Returns a result with ``ready``
-        and ``reason``."""
+        (``restart=False``: leave a running process alone)."""
         ...
 
-    async def stop(self, project: str) -> None:
+    async def stop(self, project: str) -> bool:
         """Stop ``project``'s process, if it has one."""
         ...
 
-    def state(self, project: str) -> Any:
-        """The project's process state (None when it has none)."""
+    def state(self, project: str) -> ProcessState:
+        """The project's process state."""
         ...
 
 
@@ -108,13 +98,13 @@ class NoRunner:
         *,
         restart: bool,
     ) -> ReadyResult:
-        return ReadyResult(True)
+        return ReadyResult(Outcome.NO_PROCESS, "this node runs no component processes")
 
-    async def stop(self, project: str) -> None:
-        return None
+    async def stop(self, project: str) -> bool:
+        return False
 
-    def state(self, project: str) -> None:
-        return None
+    def state(self, project: str) -> ProcessState:
+        return ProcessState(project)
 
 
 class SoloCluster:

@@ -39,7 +39,7 @@ async def report_component(
     active = (await ctx.store.active_releases()).get(project)
     state = ctx.runner.state(project)
     process = None
-    if state is not None:
+    if state.deployment_id is not None or state.running:
         process = {k: v for k, v in _as_dict(state).items() if k in _PROCESS_KEYS}
     await ctx.store.put_component(
         project,

@@ -32,8 +32,8 @@ from node.deploy.activation import (
 )
 from node.deploy.context import DeployContext
 from node.deploy.convergence import report_component
-from node.deploy.releases import prune_releases
 from node.deploy.recorder import Recorder
+from node.deploy.releases import prune_releases
 from node.errors import DeployFailed
 from storage.changelog import Subscription
 from storage.records import Deployment, DeploymentStatus, NodeResult, NodeStatus, Notice

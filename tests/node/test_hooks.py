@@ -85,7 +85,9 @@ def test_full_config_is_parsed_with_defaults(tmp_path: Path) -> None:
     assert cfg.install == HookSpec(("npm", "ci"), 300.0)
     assert cfg.check == HookSpec("test -f ok", 5.0)
     assert cfg.check.argv == ("sh", "-c", "test -f ok")
-    assert cfg.run == RunSpec(("node", "server.js"), 60.0, "curl -sf localhost:3000/health", 12.5)
+    assert cfg.run == RunSpec(
+        ("node", "server.js"), ready_command="curl -sf localhost:3000/health", ready_timeout_s=12.5
+    )
 
 
 def test_check_timeout_defaults_to_60(tmp_path: Path) -> None:

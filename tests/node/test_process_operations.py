@@ -25,7 +25,12 @@ def _payload(node: NodeProcess, deployment_id: str) -> tuple[int, bytes]:
 
 
 def test_every_operation_answers_on_a_real_node(tmp_path: Path) -> None:
-    node = NodeProcess("n1", tmp_path).start()
+    node = NodeProcess("n1", tmp_path)
+    # A log as a supervised [run] process leaves it (deploys do not start one yet).
+    log_dir = node.data_dir / "run" / "components" / "web"
+    log_dir.mkdir(parents=True)
+    (log_dir / "output.log").write_text("2024-01-02T03:04:05.678Z stdout listening\n")
+    node.start()
     done: set[str] = set()
 
     def ok(operation: str, **fields: Any) -> Any:
@@ -66,6 +71,8 @@ def test_every_operation_answers_on_a_real_node(tmp_path: Path) -> None:
         assert {u["username"] for u in ok("list_users")} == {"admin", "bob"}
         ok("drop_user", username="bob")
         ok("drop_role", role="reader")
+        logs = ok("get_component_logs", project="web", lines=5)
+        assert logs["lines"] == [{"t": 1704164645678, "stream": "stdout", "line": "listening"}]
         audit = ok("read_audit_log", table="hdb_deployment")
         assert {e["key"] for e in audit["entries"]} >= {first["deployment_id"]}
         assert done == set(registry().names()), set(registry().names()) ^ done
