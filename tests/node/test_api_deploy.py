@@ -277,7 +277,7 @@ async def test_payload_download_and_range(api: Api) -> None:
 
 async def test_delete_payload_is_idempotent_and_keeps_record(api: Api) -> None:
     _, first = await api.deploy("web", component(v="1"))
-    _, second = await api.deploy("web", component(v="2"))
+    await api.deploy("web", component(v="2"))
     status, body = await api.op("delete_deployment_payload", deployment_id=first["deployment_id"])
     assert status == 200 and body["freed_bytes"] > 0
     status, again = await api.op("delete_deployment_payload", deployment_id=first["deployment_id"])

@@ -7,12 +7,12 @@ from pathlib import Path
 from helpers import Api, basic, wait_until
 from supervision import py, release
 
-from node.appkeys import SERVICES
+from node.appkeys import Services
 from node.deploy.supervisor import Outcome
 
 
 async def _run_web(api: Api, tmp_path: Path, code: str) -> None:
-    sup = api.app[SERVICES].supervisor
+    sup = Services(api.app).supervisor
     dep, path = release(tmp_path)
     assert (await sup.switch("web", dep, path, py(code), restart=True)).outcome == Outcome.READY
 

@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from helpers import wait_until
-
-from node.auth import hash_password
 from procs import free_port
 
+from node.auth import hash_password
 from replication.channel import TlsTransport
 from replication.membership import PeerAddress
 from replication.service import ReplicationService

@@ -114,8 +114,16 @@ def test_check_welcome_rejects_unexpected_frames() -> None:
     ("welcome", "kw", "message"),
     [
         (Welcome(PROTOCOL_VERSION + 1, CID, "n1", (), log("n1")), {}, "protocol version"),
-        (Welcome(PROTOCOL_VERSION, OTHER_CID, "n1", (), log("n1")), {}, f"is in cluster {OTHER_CID}"),
-        (Welcome(PROTOCOL_VERSION, CID, "n3", (), log("n3")), {}, "dialled node 'n1' but 'n3' answered"),
+        (
+            Welcome(PROTOCOL_VERSION, OTHER_CID, "n1", (), log("n1")),
+            {},
+            f"is in cluster {OTHER_CID}",
+        ),
+        (
+            Welcome(PROTOCOL_VERSION, CID, "n3", (), log("n3")),
+            {},
+            "dialled node 'n1' but 'n3' answered",
+        ),
         (
             Welcome(PROTOCOL_VERSION, CID, "n1", (), log("n1")),
             {"authenticated_peer": "n3"},

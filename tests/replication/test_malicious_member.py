@@ -87,7 +87,7 @@ def _batch(forger: Forger, good: dict[str, Any]) -> tuple[Batch, dict[str, str]]
     user = {"username": "honest", "password_hash": HASH, "role": "reader", "active": True,
             "deleted": False}  # fmt: skip
     mine = [
-        ("deployments", bad_b["deployment_id"], bad_b, "upsert", "written by their origin_node (b)"),
+        ("deployments", bad_b["deployment_id"], bad_b, "upsert", "by their origin_node (b)"),
         ("deployments", bad_name["deployment_id"], bad_name, "upsert", "project name"),
         ("deployments", bad_hash["deployment_id"], bad_hash, "upsert", "sha256"),
         ("roles", "evil", {"role": "evil", "permission": 5, "deleted": False}, "upsert",
@@ -128,22 +128,27 @@ def _batch(forger: Forger, good: dict[str, Any]) -> tuple[Batch, dict[str, str]]
 
 
 @pytest.fixture
-async def node_a(
-    aiohttp_client: Any, tmp_path: Path, mesh: Mesh
-) -> AsyncIterator[tuple[Api, int]]:
+async def node_a(aiohttp_client: Any, tmp_path: Path, mesh: Mesh) -> AsyncIterator[tuple[Api, int]]:
     """Node ``a`` (the whole app), and the port its member ``m`` is expected on."""
     ports = {"a": free_port(), "m": free_port(), "b": free_port()}
     certs = mesh.issue("a")
     config = parse_config(
         {
             "node": {"name": "a", "data_dir": str(tmp_path / "a")},
-            "auth": {"bootstrap_user": ADMIN[0], "bootstrap_password": ADMIN[1],
-                     "bootstrap_wait_s": 0.5},  # fmt: skip
+            "auth": {
+                "bootstrap_user": ADMIN[0],
+                "bootstrap_password": ADMIN[1],
+                "bootstrap_wait_s": 0.5,
+            },
             "peer": {"host": "127.0.0.1", "port": ports["a"]},
             "tls": {"ca": str(mesh.ca), "cert": str(certs.cert), "key": str(certs.key)},
             "peers": [{"name": n, "url": f"wss://127.0.0.1:{ports[n]}"} for n in ("m", "b")],
-            "replication": {"heartbeat_s": FAST.heartbeat_s, "dead_after_s": FAST.dead_after_s,
-                            "reconnect_min_s": 0.05, "reconnect_max_s": 0.3},  # fmt: skip
+            "replication": {
+                "heartbeat_s": FAST.heartbeat_s,
+                "dead_after_s": FAST.dead_after_s,
+                "reconnect_min_s": 0.05,
+                "reconnect_max_s": 0.3,
+            },
         },
         base=tmp_path,
         env={},

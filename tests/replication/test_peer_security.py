@@ -127,7 +127,11 @@ async def _answer_to(mesh: Mesh, target: Node, name: str, hello: Hello) -> Any:
     [
         ("n9", client_hello("n9", "{cid}", CAPS, "n9/" + "0" * 32), "'n9' is not a member"),
         ("b", client_hello("c", "{cid}", CAPS, "c/" + "0" * 32), "certificate is for 'b'"),
-        ("b", client_hello("b", "0123456789abcdef", CAPS, "b/" + "0" * 32), "does not match this cluster"),
+        (
+            "b",
+            client_hello("b", "0123456789abcdef", CAPS, "b/" + "0" * 32),
+            "does not match this cluster",
+        ),
         ("b", Hello(PROTOCOL_VERSION + 1, "{cid}", "b", CAPS, "b/" + "0" * 32), "not supported"),
     ],
     ids=["not-a-member", "hello-names-another-node", "other-cluster", "other-protocol"],

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from helpers import ADMIN, Api, component
-from mesh import FAST, HASH, Mesh, dump, new_deployment, wait_until
+from mesh import HASH, Mesh, dump, new_deployment, wait_until
 from procs import free_port
 
 from node.app import create_app
