@@ -426,7 +426,9 @@ async def _write(
         await store.note_deployment(tx, row)
     build = _BUILDERS.get(spec.name)
     value = build(row) if build is not None else None
-    notice_key = str(row["deployment_id"]) if spec is NODE_RESULTS else e.key
+    # Rows about a deployment (results, pins, drops) are announced under its id, so
+    # deploy watchers filter on one key.
+    notice_key = str(row["deployment_id"]) if "deployment_id" in row else e.key
     tx.notify(Notice(spec.name, notice_key, (value,) if value is not None else (), remote=True))
     return None
 

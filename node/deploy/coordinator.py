@@ -103,7 +103,7 @@ class Coordinator:
         # Last (status, phase) and version forwarded per node as a ``peer`` event.
         self._seen: dict[str, tuple[str, str | None]] = {}
         self._seen_version: dict[str, int] = {}
-        self._output_seen: set[tuple[str, str]] = set()
+        self._output_seen: set[str] = set()
 
     async def run(self, d: Deployment) -> Deployment:
         """Stage, replicate, activate. Returns the terminal row.
@@ -297,11 +297,9 @@ class Coordinator:
                 await self.rec.event("peer", **data)
 
     async def _peer_output(self, r: NodeResult) -> None:
-        if r.node == self.ctx.node or not r.install_output:
+        if r.node == self.ctx.node or not r.install_output or r.node in self._output_seen:
             return
-        if (r.node, str(r.status)) in self._output_seen:
-            return
-        self._output_seen.add((r.node, str(r.status)))
+        self._output_seen.add(r.node)
         lines = r.install_output.get("lines") or []
         events = [
             ("install", {"node": r.node, "hook": x.get("hook", "install"),
@@ -447,8 +445,8 @@ class Coordinator:
     async def _activate_here(self, d: Deployment) -> None:
         ctx = self.ctx
         async with ctx.locks(d.project):
-            await self._mine(NodeStatus.ACTIVATING, "activate")
             ctx.faults.hit("deploy.before_activate")
+            await self._mine(NodeStatus.ACTIVATING, "activate")
             try:
                 await activate_here(ctx, d, restart=restart_wanted(d))
             except ActivationFailed as e:

@@ -192,11 +192,8 @@ class Reconciler:
             return None
         if self._origin_lost(d):
             return self._give_up(d, mine)
-        if (
-            d.status in _STAGING
-            and d.payload_hash is not None
-            and (status is None or status in _IN_PROGRESS)
-        ):
+        has_payload = d.payload_hash is not None or d.kind == "drop"
+        if d.status in _STAGING and has_payload and (status is None or status in _IN_PROGRESS):
             return self._stage(d)
         if d.status in _ACTIVATING and me in d.activate_nodes and status in (
             NodeStatus.STAGED, NodeStatus.ACTIVATING
@@ -308,6 +305,9 @@ class Reconciler:
         async def on_line(_stream: str, _line: str) -> None:
             return None
 
+        if d.kind == "drop":  # nothing to fetch or extract: ready to remove it
+            await self._result(d, NodeStatus.STAGED, "stage")
+            return
         assert d.payload_hash is not None
         async with ctx.locks(d.project):
             try:

@@ -25,7 +25,14 @@ from helpers import component
 
 from replication.channel import PEER_PATH
 from replication.codec import decode, encode
-from replication.messages import PROTOCOL_VERSION, ChangeEntry, Changes, Hello, Subscribe
+from replication.messages import (
+    PROTOCOL_VERSION,
+    Batch,
+    Hello,
+    LogRange,
+    Subscribe,
+    WireEntry,
+)
 from replication.tls import cluster_id_for_ca, init_ca, issue_node_cert
 
 pytestmark = pytest.mark.cluster
@@ -57,13 +64,17 @@ def _client_ctx(ca: Path, cert: Path | None = None, key: Path | None = None) -> 
 
 
 def _evil_changes() -> bytes:
-    """A Changes frame that would create a super user ``mallory`` if anyone applied it."""
-    entry = ChangeEntry(
-        seq=1, tbl="users", key="mallory", version=1 << 60, origin="n1", op="upsert",
-        data={"username": "mallory", "role": "super_user", "password_hash": "x", "active": True},
-        user=None, t=0,
+    """A batch that would create a super user ``mallory`` if anyone applied it (sent the
+    wrong way, by a dialler, and unsigned)."""
+    log_id = "n1/" + "0" * 32
+    body = msgpack.packb(
+        [1, log_id, 1, "n1", "users", "mallory", 1 << 60, "upsert",
+         {"username": "mallory", "role": "super_user", "password_hash": "x", "active": True,
+          "deleted": False}, None, 1],
+        use_bin_type=True,
     )  # fmt: skip
-    return encode(Changes(entries=(entry,), last_seq=1, head_seq=1))
+    entry = WireEntry(log_id, 1, "n1", "unsigned", body, b"")
+    return encode(Batch((LogRange(log_id, 0, 1, False),), (entry,), 0, 0))
 
 
 async def _intrude(
@@ -77,12 +88,18 @@ async def _intrude(
     url = f"wss://127.0.0.1:{node.layout.peer_port}{PEER_PATH}"
     got: list[str] = []
     timeout = aiohttp.ClientTimeout(total=10)
-    hello = encode(Hello(PROTOCOL_VERSION, cluster_id, name, ("changes", "blobs")))
+    hello = encode(
+        Hello(PROTOCOL_VERSION, cluster_id, name, ("changes", "blobs"), f"{name}/" + "0" * 32)
+    )
     async with (
         aiohttp.ClientSession(timeout=timeout) as session,
         session.ws_connect(url, ssl=ctx, server_hostname=node.name) as ws,
     ):
-        for frame in (hello, encode(Subscribe(after_seq=0, credit=100)), _evil_changes()):
+        for frame in (
+            hello,
+            encode(Subscribe(positions={}, scope="relay", exclude=(), credit=100)),
+            _evil_changes(),
+        ):
             try:
                 await ws.send_bytes(frame)
             except (ConnectionError, aiohttp.ClientError, RuntimeError):
@@ -183,7 +200,7 @@ async def test_the_admin_port_accepts_no_replication_traffic(
                 await session.ws_connect(node.url + path, headers={"Authorization": _AUTH})
             assert err.value.status in (404, 405)
         frames = [
-            encode(Hello(PROTOCOL_VERSION, pki["cluster_id"], "n2", ("changes",))),
+            encode(Hello(PROTOCOL_VERSION, pki["cluster_id"], "n2", ("changes",), "n2/" + "0" * 32)),
             _evil_changes(),
             msgpack.packb({"operation": "apply_changes", "changes": []}),
         ]
