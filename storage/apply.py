@@ -391,6 +391,15 @@ async def _write(
     batch: _Batch, spec: TableSpec, e: Entry, row: dict[str, Any], se: SignedEntry
 ) -> str | None:
     """Write the row if it is newer; returns why not when the change is refused."""
+    if spec is EVENT_BATCHES:
+        # The batch names its origin itself: check it against the deployment when this
+        # node holds it, or any member could write into another node's deployment log.
+        d = await batch.known_row(DEPLOYMENTS, row["deployment_id"], row)
+        if d is not None and d.row is not None and d.row["origin_node"] != e.writer:
+            return (
+                f"events of deployment {row['deployment_id']} are written by its origin "
+                f"({d.row['origin_node']}), not by {e.writer}"
+            )
     known = await batch.known_row(spec, e.key, row)
     if known is not None:
         if (known.version, known.origin) > (e.version, e.writer):
