@@ -45,6 +45,7 @@ from storage.entries import (
     SignedEntry,
     Verifier,
     decode_body,
+    is_log_id,
     log_writer,
     signing_message,
 )
@@ -269,6 +270,8 @@ def _check_structure(
     declared = {r.log_id: r for r in ranges}
     if len(declared) != len(ranges):
         raise InvalidBatch("a log is declared twice in one batch")
+    if not all(is_log_id(log_id) for log_id in declared):
+        raise InvalidBatch("a range names a malformed log id")
     by_log: dict[str, list[SignedEntry]] = {}
     for se in entries:
         r = declared.get(se.log_id)
@@ -301,8 +304,10 @@ async def _apply_range(
         batch.report.gaps.append(r.log_id)
         return
     if info is None:
-        if not run:
-            return  # nothing known about this log yet, and nothing to learn
+        if r.last <= head:
+            return  # an empty range of a log this node never heard of
+        # A compacted range may hold no entry at all (every row it wrote was overwritten
+        # since): the position still moves, or the dense part after it would be a gap.
         info = LogInfo(r.log_id, log_writer(r.log_id), 0, 1, 0)
     reached = r.last
     added = 0
