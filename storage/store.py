@@ -30,6 +30,7 @@ from storage.entries import (
     Entry,
     EntryError,
     Signer,
+    decode_body,
     encode_body,
     log_writer,
     new_log_id,
@@ -264,7 +265,14 @@ class Store(DeploymentRows, LogReads, AuditLog):
                         data = spec.data(row)
                         op = "upsert"
                         if spec is EVENT_BATCHES:
-                            op, data = "append", await self._batch_data(tx, row)
+                            # The batch as written (retention may since have dropped
+                            # some of its events here; a receiver needs all of them).
+                            op = "append"
+                            data = (
+                                decode_body(bytes(r["entry"])).data
+                                if r["entry"] is not None
+                                else await self._batch_data(tx, row)
+                            )
                         envelope = await self.append_own(
                             tx, spec.name, spec.key(row), row["version"], op, data, None
                         )
