@@ -58,7 +58,10 @@ from storage.store import Store
 from storage.tables import (
     DEPLOYMENTS,
     EVENT_BATCHES,
+    NODE_COMPONENTS,
     NODE_RESULTS,
+    PAYLOAD_DROPS,
+    PINS,
     REPLICATED,
     TableSpec,
     deployment_from,
@@ -90,6 +93,16 @@ _BUILDERS = {
     "users": user_from,
     "roles": role_from,
     "members": member_from,
+}
+
+
+#: Tables whose notices name a row by one column, not by the row's whole key: what a
+#: deployment's watchers and the reconciler look up (a payload drop names its deployment).
+_NOTICE_KEY: Final = {
+    NODE_RESULTS.name: "deployment_id",
+    PINS.name: "deployment_id",
+    PAYLOAD_DROPS.name: "deployment_id",
+    NODE_COMPONENTS.name: "project",
 }
 
 
@@ -440,7 +453,8 @@ async def _write(
         await store.note_deployment(tx, row)
     build = _BUILDERS.get(spec.name)
     value = build(row) if build is not None else None
-    notice_key = str(row["deployment_id"]) if spec is NODE_RESULTS else e.key
+    # Announced under the key the writer's own notice uses (storage.deployrows).
+    notice_key = str(row[_NOTICE_KEY[spec.name]]) if spec.name in _NOTICE_KEY else e.key
     tx.notify(Notice(spec.name, notice_key, (value,) if value is not None else (), remote=True))
     return None
 

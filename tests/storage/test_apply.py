@@ -455,3 +455,23 @@ async def test_the_audit_log_reads_the_same_on_every_node(history, open_store, n
            if x.tbl == "payload_drops"]  # fmt: skip
     assert (line["node"], line["user"], line["key"]) == ("n1", "admin", f"{ids.failed}/n1")
     assert line["timestamp"] <= e.t < T0 + 100_000_000
+
+
+async def test_a_remote_change_is_announced_under_the_same_key_as_the_writers_own(
+    open_store, create
+):
+    n1, n2 = await open_store("n1"), await open_store("n2")
+    with n1.feed.subscribe(lambda n: n.tbl != CHANGELOG) as local:
+        d = await create(n1)
+        await n1.write_deployment(d.deployment_id, {"status": "success"}, [("finished", {})])
+        await n1.put_result(d.deployment_id, status="active")
+        await n1.set_pin(d.deployment_id, True, user="alice")
+        await n1.mark_payload_dropped(d.deployment_id, user="alice")
+        await n1.put_component("web", deployment_id=d.deployment_id)
+        await Accounts(n1).put_user("eve", password_hash=phash("e"), role="r", by=None)
+        written = [(n.tbl, n.key) for n in local.drain()]
+    with n2.feed.subscribe(lambda n: n.tbl != CHANGELOG) as remote:
+        await pull(n1, n2, max_entries=1)
+        applied = [(n.tbl, n.key) for n in remote.drain()]
+    assert applied == written
+    assert ("payload_drops", d.deployment_id) in applied
