@@ -359,3 +359,20 @@ async def test_a_parked_entry_travels_on_in_a_compacted_catch_up(open_store, new
     w3.advance(hour)
     assert await retry_parked(n3, max_clock_offset_ms=60_000) == 2
     assert await snapshot(n3) == await snapshot(n1)
+
+
+async def test_the_quarantine_keeps_its_newest_reasons(open_store):
+    n2 = await open_store("n2")
+    log_id = "n1/" + "1" * 32
+    forged = [
+        forge(HmacSigner("n1"), log_id=log_id, oseq=i, writer="n1", tbl="meta", key=f"k{i}",
+              data={}, version=(T0 + i) << 16)
+        for i in range(1, 1006)
+    ]  # fmt: skip
+    report = await apply_batch(
+        n2, "n1", [Range(log_id, 0, 1005, False)], forged, verifier=None, direct_log=log_id,
+        max_clock_offset_ms=60_000,
+    )  # fmt: skip
+    assert len(report.refusals) == 1005 and n2.logs.head(log_id) == 1005
+    rows = await quarantine_rows(n2)
+    assert [r["oseq"] for r in rows] == list(range(6, 1006))
