@@ -486,10 +486,12 @@ async def retry_parked(store: Store, *, max_clock_offset_ms: int, limit: int = 5
         How many entries left the parked state.
     """
     limit_ms = store.clock.now_ms() + max_clock_offset_ms
+    # Only the entries whose time has come: a backlog still waiting (a peer far ahead)
+    # must not hide one that is ready behind it.
     rows = await store.db.fetchall(
         "SELECT log_id, oseq, writer, key_id, entry, sig, version FROM changelog "
-        "WHERE state = ? ORDER BY seq LIMIT ?",
-        (PARKED, limit),
+        "WHERE state = ? AND version < ? ORDER BY seq LIMIT ?",
+        (PARKED, (limit_ms + 1) << 16, limit),
     )
     ready = [r for r in rows if version_ms(int(r["version"])) <= limit_ms]
     if not ready:

@@ -376,3 +376,29 @@ async def test_the_quarantine_keeps_its_newest_reasons(open_store):
     assert len(report.refusals) == 1005 and n2.logs.head(log_id) == 1005
     rows = await quarantine_rows(n2)
     assert [r["oseq"] for r in rows] == list(range(6, 1006))
+
+
+async def test_an_entry_whose_time_has_come_is_retried_behind_many_that_still_wait(
+    open_store, new_wall
+):
+    w2 = new_wall(T0)
+    n2 = await open_store("n2", wall=w2)
+    far, near = "n1/" + "1" * 32, "n3/" + "3" * 32
+    member = {"name": "n9", "url": "wss://n9", "deleted": False}
+    waiting = [
+        forge(HmacSigner("n1"), log_id=far, oseq=i, writer="n1", tbl="members", key="n9",
+              data=member, version=(T0 + 2 * 3_600_000) << 16 | i)
+        for i in range(1, 601)
+    ]  # fmt: skip
+    ready = forge(
+        HmacSigner("n3"), log_id=near, oseq=1, writer="n3", tbl="members", key="n8",
+        data={**member, "name": "n8"}, version=(T0 + 120_000) << 16,
+    )  # fmt: skip
+    report = await apply_batch(
+        n2, "n1", [Range(far, 0, 600, False), Range(near, 0, 1, False)], [*waiting, ready],
+        verifier=KEYRING, direct_log=far, max_clock_offset_ms=60_000,
+    )  # fmt: skip
+    assert report.parked == 601
+    w2.advance(120_000)
+    assert await retry_parked(n2, max_clock_offset_ms=60_000) == 1
+    assert [m.name for m in await Accounts(n2).list_members()] == ["n8"]
