@@ -402,3 +402,20 @@ async def test_an_entry_whose_time_has_come_is_retried_behind_many_that_still_wa
     w2.advance(120_000)
     assert await retry_parked(n2, max_clock_offset_ms=60_000) == 1
     assert [m.name for m in await Accounts(n2).list_members()] == ["n8"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="design: a compacted range needs no entries, so any relay can move a receiver's "
+    "position in any log past entries it never sent; the writer then never sends them",
+)
+async def test_a_relay_cannot_skip_a_receiver_past_entries_of_another_writer(open_store):
+    n1, n3 = await open_store("n1"), await open_store("n3")
+    await Accounts(n1).put_member("n1", "wss://10.0.0.1:9933", by=None)
+    # n2 (a member) claims n1's log up to 1000 holds no current row.
+    await apply_batch(
+        n3, "n2", [Range(n1.log_id, 0, 1000, True)], [], verifier=KEYRING,
+        direct_log="n2/" + "2" * 32, max_clock_offset_ms=60_000,
+    )  # fmt: skip
+    await pull(n1, n3)
+    assert [m.name for m in await Accounts(n3).list_members()] == ["n1"]
