@@ -45,6 +45,7 @@ from storage.entries import (
     SignedEntry,
     Verifier,
     decode_body,
+    is_log_id,
     log_writer,
     signing_message,
 )
@@ -57,7 +58,10 @@ from storage.store import Store
 from storage.tables import (
     DEPLOYMENTS,
     EVENT_BATCHES,
+    NODE_COMPONENTS,
     NODE_RESULTS,
+    PAYLOAD_DROPS,
+    PINS,
     REPLICATED,
     TableSpec,
     deployment_from,
@@ -89,6 +93,16 @@ _BUILDERS = {
     "users": user_from,
     "roles": role_from,
     "members": member_from,
+}
+
+
+#: Tables whose notices name a row by one column, not by the row's whole key: what a
+#: deployment's watchers and the reconciler look up (a payload drop names its deployment).
+_NOTICE_KEY: Final = {
+    NODE_RESULTS.name: "deployment_id",
+    PINS.name: "deployment_id",
+    PAYLOAD_DROPS.name: "deployment_id",
+    NODE_COMPONENTS.name: "project",
 }
 
 
@@ -269,6 +283,8 @@ def _check_structure(
     declared = {r.log_id: r for r in ranges}
     if len(declared) != len(ranges):
         raise InvalidBatch("a log is declared twice in one batch")
+    if not all(is_log_id(log_id) for log_id in declared):
+        raise InvalidBatch("a range names a malformed log id")
     by_log: dict[str, list[SignedEntry]] = {}
     for se in entries:
         r = declared.get(se.log_id)
@@ -301,8 +317,10 @@ async def _apply_range(
         batch.report.gaps.append(r.log_id)
         return
     if info is None:
-        if not run:
-            return  # nothing known about this log yet, and nothing to learn
+        if r.last <= head:
+            return  # an empty range of a log this node never heard of
+        # A compacted range may hold no entry at all (every row it wrote was overwritten
+        # since): the position still moves, or the dense part after it would be a gap.
         info = LogInfo(r.log_id, log_writer(r.log_id), 0, 1, 0)
     reached = r.last
     added = 0
@@ -391,6 +409,15 @@ async def _write(
     batch: _Batch, spec: TableSpec, e: Entry, row: dict[str, Any], se: SignedEntry
 ) -> str | None:
     """Write the row if it is newer; returns why not when the change is refused."""
+    if spec is EVENT_BATCHES:
+        # The batch names its origin itself: check it against the deployment when this
+        # node holds it, or any member could write into another node's deployment log.
+        d = await batch.known_row(DEPLOYMENTS, row["deployment_id"], row)
+        if d is not None and d.row is not None and d.row["origin_node"] != e.writer:
+            return (
+                f"events of deployment {row['deployment_id']} are written by its origin "
+                f"({d.row['origin_node']}), not by {e.writer}"
+            )
     known = await batch.known_row(spec, e.key, row)
     if known is not None:
         if (known.version, known.origin) > (e.version, e.writer):
@@ -426,9 +453,8 @@ async def _write(
         await store.note_deployment(tx, row)
     build = _BUILDERS.get(spec.name)
     value = build(row) if build is not None else None
-    # Rows about a deployment (results, pins, drops) are announced under its id, so
-    # deploy watchers filter on one key.
-    notice_key = str(row["deployment_id"]) if "deployment_id" in row else e.key
+    # Announced under the key the writer's own notice uses (storage.deployrows).
+    notice_key = str(row[_NOTICE_KEY[spec.name]]) if spec.name in _NOTICE_KEY else e.key
     tx.notify(Notice(spec.name, notice_key, (value,) if value is not None else (), remote=True))
     return None
 
@@ -460,10 +486,12 @@ async def retry_parked(store: Store, *, max_clock_offset_ms: int, limit: int = 5
         How many entries left the parked state.
     """
     limit_ms = store.clock.now_ms() + max_clock_offset_ms
+    # Only the entries whose time has come: a backlog still waiting (a peer far ahead)
+    # must not hide one that is ready behind it.
     rows = await store.db.fetchall(
         "SELECT log_id, oseq, writer, key_id, entry, sig, version FROM changelog "
-        "WHERE state = ? ORDER BY seq LIMIT ?",
-        (PARKED, limit),
+        "WHERE state = ? AND version < ? ORDER BY seq LIMIT ?",
+        (PARKED, (limit_ms + 1) << 16, limit),
     )
     ready = [r for r in rows if version_ms(int(r["version"])) <= limit_ms]
     if not ready:

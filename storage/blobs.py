@@ -198,7 +198,8 @@ class BlobStore:
             Bytes freed (0 when kept or absent).
         """
         async with self._locked(hash):
-            if self.held(hash) or not await unused():
+            # Held before or taken while ``unused()`` ran (a stage or download starting).
+            if self.held(hash) or not await unused() or self.held(hash):
                 return 0
             return await self.delete(hash)
 

@@ -253,7 +253,10 @@ class DeploymentRows:
             "VALUES (?, ?, ?, ?) ON CONFLICT (project) DO UPDATE SET "
             "deployment_id = excluded.deployment_id, "
             "created_version = excluded.created_version, kind = excluded.kind "
-            "WHERE excluded.created_version > desired_releases.created_version",
+            # Versions of two nodes can tie: the deployment id breaks it, as it does in
+            # rebuild_desired, so every node picks the same whatever the arrival order.
+            "WHERE (excluded.created_version, excluded.deployment_id) > "
+            "(desired_releases.created_version, desired_releases.deployment_id)",
             (row["project"], row["deployment_id"], row["created_version"], row["kind"]),
         )
 

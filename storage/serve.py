@@ -3,7 +3,8 @@
 A log is served *dense* from the change log while it holds every entry after the
 position (``held_from`` in :class:`storage.records.LogInfo`), and *compacted* below that:
 the rows whose current version was written by that log, in log order, each with the
-signed entry that wrote it. A compacted range carries fewer entries than it covers (an
+signed entry that wrote it (and the entries of that log parked here, which have no row
+yet). A compacted range carries fewer entries than it covers (an
 entry overwritten by a later one is not needed), which is how a node catches up by
 current state rather than by history: a new node, or one behind the trimmed point,
 receives the rows, then follows the log. Both forms are signed entries, verified alike.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from storage.entries import SignedEntry
 from storage.tables import REPLICATED
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     from storage.logstate import LogState
 
 __all__ = ["LogChunk", "LogReads"]
+
+_PARKED: Final = 1  # changelog.state of an entry waiting for this node's clock
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +96,14 @@ class LogReads:
                 (log_id, after, end, limit),
             )
             runs.append([_entry(r) for r in rows])
+        # Entries parked here (too far ahead of this node's clock to apply yet) have no
+        # row: they are served from the change log, or the range would skip them for good.
+        parked = await self.db.fetchall(
+            "SELECT log_id, oseq, writer, key_id, entry, sig FROM changelog WHERE log_id = ? "
+            "AND oseq > ? AND oseq <= ? AND state = ? ORDER BY oseq LIMIT ?",
+            (log_id, after, end, _PARKED, limit),
+        )
+        runs.append([_entry(r) for r in parked])
         # Each table was read up to ``limit`` rows: a table cut off there may hold more
         # rows after its last one read, so the range can only extend that far.
         cut = min((run[-1].oseq for run in runs if len(run) == limit), default=end)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from storage.entries import (
     Entry,
     EntryError,
     Signer,
+    decode_body,
     encode_body,
     log_writer,
     new_log_id,
@@ -264,15 +266,48 @@ class Store(DeploymentRows, LogReads, AuditLog):
                         data = spec.data(row)
                         op = "upsert"
                         if spec is EVENT_BATCHES:
-                            op, data = "append", await self._batch_data(tx, row)
+                            # The batch as written (retention may since have dropped
+                            # some of its events here; a receiver needs all of them).
+                            op = "append"
+                            data = (
+                                decode_body(bytes(r["entry"])).data
+                                if r["entry"] is not None
+                                else await self._batch_data(tx, row)
+                            )
                         envelope = await self.append_own(
                             tx, spec.name, spec.key(row), row["version"], op, data, None
                         )
                         await tx.conn.execute(spec.upsert_sql(), spec.to_sql(row, envelope))
                 count += len(rows)
+        await self._drop_unsigned_entries()
         if count:
             log.info("rows_resigned", node=self.node, rows=count, key_id=self.signer.key_id)
         return count
+
+    async def _drop_unsigned_entries(self) -> None:
+        """Serve the part of this node's log written without a key from the rows.
+
+        Those entries are superseded by their re-signed copies (or by later writes). A
+        peer pulling them from this node directly would take them (the session proves
+        who wrote them) but could never relay them, so a node joining while this one is
+        away would stop at the first of them. Below ``held_from`` a log is served
+        compacted, from rows that now carry signed entries.
+        """
+        row = await self.db.fetchone(
+            "SELECT MAX(oseq) AS upto FROM changelog WHERE log_id = ? AND key_id = ?",
+            (self.logs.own, UNSIGNED_KEY_ID),
+        )
+        if row is None or row["upto"] is None:
+            return
+        upto = int(row["upto"])
+        async with self.tx() as tx:
+            await tx.conn.execute(
+                "DELETE FROM changelog WHERE log_id = ? AND oseq <= ?", (self.logs.own, upto)
+            )
+            info = self.logs.get(self.logs.own, tx)
+            assert info is not None
+            if upto + 1 > info.held_from:
+                self.logs.put(tx, replace(info, held_from=upto + 1))
 
     # -- member certificates (local) -------------------------------------------------
 

@@ -1,13 +1,12 @@
-"""Shared fixtures for the storage suite: real SQLite stores in ``tmp_path``, a fake wall
-clock, complete deployment rows, and helpers that move changes between stores the way the
-replicator does (pull after the stored cursor, apply with the peer's name)."""
+"""Shared fixtures for the storage suite: real SQLite stores in ``tmp_path`` (each signed
+by its node's test key), a fake wall clock, session templates of prepared databases,
+and the helpers of :mod:`storekit` handed to tests as fixtures."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
 import shutil
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,115 +15,20 @@ from typing import Any
 
 import aiosqlite
 import pytest
+from storehistory import HistoryIds, build_history
+from storekit import FakeWall, HmacSigner, deployment_fields, snapshot
 
-from storage.accounts import Accounts
-from storage.apply import apply_changes
+from storage.db import Database
+from storage.entries import Signer
 from storage.hlc import HybridClock
-from storage.records import Change, Deployment, Event, Member, NodeResult, Role, User
+from storage.records import Deployment
 from storage.store import Store
 
-#: 2023-11-14T22:13:20Z, a realistic epoch-ms starting point for fake clocks.
-T0 = 1_700_000_000_000
-
-
-class FakeWall:
-    """A wall clock the test moves by hand (the ``HybridClock`` seam)."""
-
-    def __init__(self, ms: int = T0) -> None:
-        self.ms = ms
-
-    def __call__(self) -> int:
-        return self.ms
-
-    def advance(self, ms: int = 1) -> int:
-        self.ms += ms
-        return self.ms
-
-
-def deployment_fields(**overrides: Any) -> dict[str, Any]:
-    """Every column of a new ``pending`` deployment (except version and origin)."""
-    fields: dict[str, Any] = {
-        "deployment_id": str(uuid.uuid4()),
-        "project": "web",
-        "kind": "deploy",
-        "package_identifier": None,
-        "payload_hash": "ab" * 32,
-        "payload_size": 1234,
-        "status": "pending",
-        "phase": None,
-        "expected_nodes": ["n1", "n2"],
-        "activate_nodes": [],
-        "origin_node": "n1",
-        "restart_mode": None,
-        "replicated": True,
-        "ignore_replication_errors": False,
-        "timeout_ms": 120_000,
-        "deadline_at": None,
-        "started_at": T0,
-        "completed_at": None,
-        "user": "admin",
-        "rollback_of": None,
-        "error": None,
-        "pinned": False,
-    }
-    fields.update(overrides)
-    return fields
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """Everything replicated that a user can see on one node, for convergence checks."""
-
-    deployments: list[Deployment]
-    events: dict[str, list[tuple[int, str, dict[str, Any]]]]
-    results: dict[str, list[NodeResult]]
-    dropped: set[str]
-    users: list[User]
-    roles: list[Role]
-    members: list[Member]
-
-
-def event_log(events: list[Event]) -> list[tuple[int, str, dict[str, Any]]]:
-    """A stored log as ``(seq, event, data)``: ``t`` of a truncation marker is local."""
-    return [(e.seq, e.event, e.data) for e in events]
-
-
-async def snapshot(store: Store) -> Snapshot:
-    deployments = await store.deployments()
-    ids = [d.deployment_id for d in deployments]
-    accounts = Accounts(store)
-    return Snapshot(
-        deployments=deployments,
-        events={i: event_log(await store.events(i)) for i in ids},
-        results={i: await store.results(i) for i in ids},
-        dropped=await store.dropped(ids),
-        users=await accounts.list_users(),
-        roles=await accounts.list_roles(),
-        members=await accounts.list_members(include_deleted=True),
-    )
-
-
-async def all_changes(
-    store: Store, after_seq: int = 0, *, skip_origin: str | None = None
-) -> tuple[list[Change], int]:
-    """Every change-log entry after ``after_seq`` (paging through ``changes_after``)."""
-    out: list[Change] = []
-    seq = after_seq
-    while True:
-        batch, last = await store.changes_after(seq, skip_origin=skip_origin)
-        out += batch
-        if last == seq:
-            return out, seq
-        seq = last
-
-
-async def pull(src: Store, dst: Store) -> int:
-    """``dst`` pulls ``src``'s changes after its stored cursor, as the replicator does."""
-    changes, last = await all_changes(src, await dst.cursor(src.node), skip_origin=dst.node)
-    return await apply_changes(dst, src.node, changes, last)
-
-
 OpenStore = Callable[..., Awaitable[Store]]
+Builder = Callable[[Path], Coroutine[Any, Any, Any]]
+
+#: ``open_store(..., signer=DEFAULT)``: the node's own test key.
+DEFAULT: Any = object()
 
 
 @pytest.fixture
@@ -133,15 +37,17 @@ def wall() -> FakeWall:
 
 
 async def _migrate_only(path: Path) -> None:
-    store = await Store.open(path, node="template")
-    await store.close()
+    db = await Database.open(path)
+    await db.close()
 
 
 @pytest.fixture
 async def open_store(
     tmp_path: Path, template: Callable[[str, Builder], Any]
 ) -> AsyncIterator[OpenStore]:
-    """Open a store on a real SQLite file; every store opened is closed at teardown.
+    """``await open_store(node, wall=, path=, signer=)``: a store on a real SQLite file,
+    signed with ``HmacSigner(node)`` unless told otherwise; every store opened is closed
+    at teardown.
 
     A new node's file starts as a copy of an empty, freshly migrated database (creating
     one from scratch is covered by ``test_db``), which keeps the suite fast.
@@ -150,13 +56,20 @@ async def open_store(
     opened: list[Store] = []
 
     async def _open(
-        node: str = "n1", *, wall: FakeWall | None = None, path: Path | None = None
+        node: str = "n1",
+        *,
+        wall: FakeWall | None = None,
+        path: Path | None = None,
+        signer: Signer | Any = DEFAULT,
     ) -> Store:
         if path is None:
             path = tmp_path / f"{node}.sqlite"
             if not path.exists():
                 shutil.copyfile(empty, path)
-        store = await Store.open(path, node=node, clock=HybridClock(wall or FakeWall()))
+        store = await Store.open(
+            path, node=node, clock=HybridClock(wall or FakeWall()),
+            signer=HmacSigner(node) if signer is DEFAULT else signer,
+        )  # fmt: skip
         opened.append(store)
         return store
 
@@ -208,9 +121,6 @@ def fixtures_dir() -> Path:
     return Path(__file__).parent / "fixtures"
 
 
-# Helpers handed to tests as fixtures (test modules do not import conftest).
-
-
 @pytest.fixture(scope="session")
 def new_wall() -> type[FakeWall]:
     return FakeWall
@@ -219,9 +129,6 @@ def new_wall() -> type[FakeWall]:
 @pytest.fixture(scope="session")
 def fields() -> Callable[..., dict[str, Any]]:
     return deployment_fields
-
-
-Builder = Callable[[Path], Coroutine[Any, Any, Any]]
 
 
 @pytest.fixture(scope="session")
@@ -271,20 +178,26 @@ def create() -> Callable[..., Awaitable[Deployment]]:
 
 
 @pytest.fixture(name="snapshot")
-def snapshot_fixture() -> Callable[[Store], Awaitable[Snapshot]]:
+def snapshot_fixture() -> Callable[[Store], Awaitable[Any]]:
     return snapshot
 
 
-@pytest.fixture(name="all_changes")
-def all_changes_fixture() -> Callable[..., Awaitable[tuple[list[Change], int]]]:
-    return all_changes
+@dataclass
+class History:
+    """n1 with the history of :func:`history.write_history` (a copy of the template)."""
+
+    store: Store
+    wall: FakeWall
+    ids: HistoryIds
 
 
-@pytest.fixture(name="pull")
-def pull_fixture() -> Callable[[Store, Store], Awaitable[int]]:
-    return pull
-
-
-@pytest.fixture(name="event_log")
-def event_log_fixture() -> Callable[[list[Event]], list[tuple[int, str, dict[str, Any]]]]:
-    return event_log
+@pytest.fixture
+async def history(
+    template: Callable[[str, Builder], Any],
+    copy_of: Callable[[Path, str], Path],
+    open_store: OpenStore,
+) -> History:
+    src, ids = template("history", build_history)
+    wall = FakeWall(ids.end_ms)
+    store = await open_store("n1", path=copy_of(src, "n1.sqlite"), wall=wall)
+    return History(store, wall, ids)

@@ -284,6 +284,70 @@ async def test_delete_is_idempotent(store: BlobStore) -> None:
     assert store.stats() == (1, 20)
 
 
+# -- in use: held blobs are never deleted -------------------------------------------------
+
+
+async def unused() -> bool:
+    return True
+
+
+async def test_a_held_blob_is_never_deleted(store: BlobStore) -> None:
+    info = await store.ingest(agen([b"payload"]), max_bytes=100)
+    with store.holding(info.hash):
+        with store.holding(info.hash):
+            assert await store.delete_unused(info.hash, unused) == 0
+        assert store.held(info.hash)
+        assert await store.delete_unused(info.hash, unused) == 0
+    assert not store.held(info.hash)
+    assert store.has(info.hash)
+
+    async def still_referenced() -> bool:
+        return False
+
+    assert await store.delete_unused(info.hash, still_referenced) == 0
+    assert store.has(info.hash)
+    assert await store.delete_unused(info.hash, unused) == len(b"payload")
+    assert not store.has(info.hash)
+    assert await store.delete_unused(info.hash, unused) == 0
+
+
+async def test_an_ingest_can_return_with_its_blob_held(store: BlobStore) -> None:
+    info = await store.ingest(agen([b"fresh"]), max_bytes=100, hold=True)
+    assert store.held(info.hash)
+    assert await store.delete_unused(info.hash, unused) == 0
+    store.release(info.hash)
+    assert not store.held(info.hash)
+    assert await store.delete_unused(info.hash, unused) == 5
+
+
+async def test_a_hold_taken_while_the_delete_checks_its_references_keeps_the_blob(
+    store: BlobStore,
+) -> None:
+    info = await store.ingest(agen([b"staged"]), max_bytes=100)
+    checking, held = asyncio.Event(), asyncio.Event()
+
+    async def unused_slowly() -> bool:
+        checking.set()
+        await held.wait()  # a stage starts reading the blob meanwhile
+        return True
+
+    async def stage() -> None:
+        await checking.wait()
+        with store.holding(info.hash):
+            held.set()
+            assert await deleting == 0
+            assert store.has(info.hash)
+
+    deleting = asyncio.ensure_future(store.delete_unused(info.hash, unused_slowly))
+    await stage()
+    assert store.has(info.hash)
+
+
+async def test_holding_checks_the_hash(store: BlobStore) -> None:
+    with pytest.raises(ValueError), store.holding("not-a-hash"):
+        pass
+
+
 # -- resumable fetch --------------------------------------------------------------------
 
 
