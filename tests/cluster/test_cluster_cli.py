@@ -18,8 +18,7 @@ from click.testing import CliRunner
 from cryptography import x509
 from procs import ADMIN_PASSWORD, NodeProcess, free_port
 
-from node.cli import cli
-from node.cluster_config import (
+from node.cli.local.layout import (
     DEFAULT_BASE_PORT,
     admin_password,
     config_fits,
@@ -28,9 +27,10 @@ from node.cluster_config import (
     plan_cluster_ports,
     render_node_config,
 )
-from node.cluster_status import format_age, format_bytes, render_status, status_targets
+from node.cli.local.processes import not_connected, ports_in_use
+from node.cli.root import cli
+from node.cli.status import format_age, format_bytes, render_status, status_targets
 from node.config import load_config, parse_config
-from node.local_cluster import not_connected, ports_in_use
 from replication.tls import check_node_credentials, init_ca, node_name_from_cert
 
 

@@ -22,7 +22,7 @@ import pytest
 from procs import ADMIN_PASSWORD, ADMIN_USER, NodeProcess, free_port
 from relay import Relay
 
-from node.client_render import ProgressBar, format_size, render_event
+from node.cli.render import ProgressBar, format_size, render_event
 
 UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 
@@ -364,7 +364,7 @@ async def test_tail_resumes_after_a_dropped_connection(node: NodeProcess, tmp_pa
     )
     src = app_dir(tmp_path, install=install)
     with (tmp_path / "p.tar.gz").open("wb") as f:
-        from node.pack import pack_directory
+        from node.deploy.pack import pack_directory
 
         pack_directory(src, f)
     payload = base64.b64encode((tmp_path / "p.tar.gz").read_bytes()).decode()

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from node.cluster_config import CONFIG_NAME, PASSWORD_FILE
+from node.cli.local.layout import CONFIG_NAME, PASSWORD_FILE
 from node.config import ConfigError, load_config
 
 __all__ = ["format_age", "format_bytes", "render_status", "status_targets"]

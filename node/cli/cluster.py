@@ -1,8 +1,8 @@
-"""``cairn cert``, ``cairn cluster`` and ``cairn demo``: PKI and local clusters.
+"""``cairn cluster`` and ``cairn demo``: local clusters and a cluster's state.
 
-:func:`register` attaches the commands to the root group of :mod:`node.cli`. The layout
-of a local cluster (files, ports) is :mod:`node.cluster_config`; running its processes is
-:mod:`node.local_cluster`; the live deploy is :mod:`node.live_deploy`.
+The layout of a local cluster (files, ports) is :mod:`node.cli.local.layout`; running its
+processes is :mod:`node.cli.local.processes`; the live deploy is
+:mod:`node.cli.local.live_deploy`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from typing import Any, NoReturn
 
 import click
 
-from node.client_render import summary_line
-from node.cluster_config import (
+from node.cli.local.layout import (
     ADMIN_USER,
     DEFAULT_BASE_PORT,
     ClusterLayout,
@@ -31,11 +30,12 @@ from node.cluster_config import (
     materialize,
     plan_cluster,
 )
-from node.cluster_status import render_status, status_targets
-from node.live_deploy import deploy_with_progress
-from node.local_cluster import ClusterError, LocalCluster, admin_op, ports_in_use
+from node.cli.local.live_deploy import deploy_with_progress
+from node.cli.local.processes import ClusterError, LocalCluster, admin_op, ports_in_use
+from node.cli.render import summary_line
+from node.cli.status import render_status, status_targets
 
-__all__ = ["register"]
+__all__ = ["cluster", "demo"]
 
 DEMO_DIR = Path("cairn-demo")
 DEMO_PROJECT = "hello"
@@ -45,65 +45,6 @@ _PROJECT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 def _fail(message: str, code: int = 1) -> NoReturn:
     click.echo(f"cairn: {message}", err=True)
     sys.exit(code)
-
-
-# -- cairn cert -----------------------------------------------------------------------
-
-
-@click.group()
-def cert() -> None:
-    """Create the cluster CA and node certificates."""
-
-
-@cert.command("init-ca")
-@click.option("--dir", "ca_dir", required=True, type=click.Path(path_type=Path), help="CA dir")
-@click.option("--days", default=3650, show_default=True, type=click.IntRange(min=1))
-def cert_init_ca(ca_dir: Path, days: int) -> None:
-    """Create the cluster CA in DIR (ca.pem, ca.key), or reuse the one there."""
-    from replication.errors import CertificateError
-    from replication.tls import cluster_id_for_ca, init_ca
-
-    existed = (ca_dir / "ca.pem").exists()
-    try:
-        files = init_ca(ca_dir, days=days)
-        cluster_id = cluster_id_for_ca(files.cert.read_bytes())
-    except CertificateError as e:
-        _fail(str(e))
-    click.echo(f"{'reused the CA' if existed else 'created a CA'} in {ca_dir}")
-    click.echo(f"  certificate: {files.cert}")
-    click.echo(f"  key:         {files.key} (mode 0600; only `cairn cert issue` needs it)")
-    click.echo(f"  cluster id:  {cluster_id}")
-
-
-@cert.command("issue")
-@click.option("--ca-dir", required=True, type=click.Path(path_type=Path), help="CA dir")
-@click.option("--node", "node_name", required=True, help="node name (as in node.name)")
-@click.option("--host", "hosts", multiple=True, required=True, help="IP or DNS name (repeat)")
-@click.option("--out-dir", default=Path("."), type=click.Path(path_type=Path), show_default=True)
-@click.option("--days", default=30, show_default=True, type=click.IntRange(min=1))
-@click.option("--force", is_flag=True, help="issue a new certificate even if one is still good")
-def cert_issue(
-    ca_dir: Path, node_name: str, hosts: tuple[str, ...], out_dir: Path, days: int, force: bool
-) -> None:
-    """Issue NODE.pem and NODE.key (mode 0600) signed by the CA in --ca-dir.
-
-    The certificate names the node and every --host as subject alternative names. A
-    still-valid certificate for the same node, CA and hosts is kept unless --force.
-    """
-    from cryptography import x509
-
-    from replication.errors import CertificateError
-    from replication.tls import issue_node_cert
-
-    try:
-        files = issue_node_cert(ca_dir, out_dir, node_name, hosts, days=days, force=force)
-        until = x509.load_pem_x509_certificate(files.cert.read_bytes()).not_valid_after_utc
-    except CertificateError as e:
-        _fail(str(e))
-    click.echo(f"certificate for node {node_name}: {files.cert}")
-    click.echo(f"  key:   {files.key} (mode 0600)")
-    click.echo(f"  hosts: {', '.join(hosts)}")
-    click.echo(f"  valid until {until.isoformat(timespec='seconds')}")
 
 
 # -- cairn cluster --------------------------------------------------------------------
@@ -136,10 +77,10 @@ def _example_dir() -> Path:
     """The bundled example component (``node/examples/hello``) as a directory.
 
     Package data is installed as plain files (see ``[tool.setuptools.package-data]``),
-    so the example is a real directory beside this module. (Not ``importlib.resources``:
+    so the example is a real directory in the ``node`` package. (Not ``importlib.resources``:
     a ``node`` directory earlier on ``sys.path`` can shadow the package name there.)
     """
-    path = Path(__file__).resolve().parent / "examples" / DEMO_PROJECT
+    path = Path(__file__).resolve().parent.parent / "examples" / DEMO_PROJECT
     if not (path / "component.toml").is_file():
         _fail(f"the bundled example is missing from {path}; reinstall cairn")
     return path
@@ -346,15 +287,3 @@ def demo(root: Path, base_port: int, exit_after_deploy: bool, timeout_s: float) 
         exit_after_deploy=exit_after_deploy,
         timeout_s=timeout_s,
     )
-
-
-def register(root: click.Group) -> None:
-    """Attach ``cert``, ``cluster`` and ``demo`` to the ``cairn`` group."""
-    existing = root.commands.get("cluster")
-    if isinstance(existing, click.Group):  # another module may own part of ``cluster``
-        for name, cmd in cluster.commands.items():
-            existing.add_command(cmd, name)
-    else:
-        root.add_command(cluster)
-    root.add_command(cert)
-    root.add_command(demo)

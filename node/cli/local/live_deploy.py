@@ -3,7 +3,7 @@
 Packs a component directory (or takes a ``.tar.gz``), sends it as a multipart
 ``deploy_component`` with ``Accept: text/event-stream``, and renders each event as one
 line as it arrives (rendered like ``cairn deploy`` does, by
-:func:`node.client_render.render_event`), including a ``peer`` line per node and step.
+:func:`node.cli.render.render_event`), including a ``peer`` line per node and step.
 Synchronous on purpose: the cluster commands are plain foreground programs.
 """
 
@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from node.client_render import render_event
-from node.pack import pack_directory
+from node.cli.render import render_event
+from node.deploy.pack import pack_directory
 
 __all__ = ["DeployOutcome", "deploy_with_progress", "payload_bytes", "read_sse"]
 

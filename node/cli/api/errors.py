@@ -1,6 +1,6 @@
-"""The errors :class:`node.client.Client` raises.
+"""The errors :class:`node.cli.api.client.Client` raises.
 
-:mod:`node.client` translates aiohttp's exceptions once, where they enter, into this
+:mod:`node.cli.api.client` translates aiohttp's exceptions once, where they enter, into this
 tree::
 
     ClientError

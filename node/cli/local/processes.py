@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from node.cluster_config import ADMIN_USER, ClusterLayout, NodeLayout
+from node.cli.local.layout import ADMIN_USER, ClusterLayout, NodeLayout
 
 __all__ = [
     "ClusterError",

@@ -1,6 +1,6 @@
 """``cairn deploy``, ``cairn deployments tail`` and ``cairn deployments rollback``.
 
-All three render a deploy's live events as lines (:func:`node.client_render.render_event`)
+All three render a deploy's live events as lines (:func:`node.cli.render.render_event`)
 and end with the deploy's outcome: 0 success, 1 failed. ``deploy`` packs a directory into
 a temporary tar.gz first (so the upload's total is known), then streams it as multipart
 with ``Accept: text/event-stream``: the upload goes in and the events come out on the same
@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import click
 
-from node.client_cli import Conn, connection_options, human_stream, print_json, run
-from node.client_render import ProgressBar, format_size, render_event, summary_line
+from node.cli.common import Conn, connection_options, human_stream, print_json, run
+from node.cli.render import ProgressBar, format_size, render_event, summary_line
 
 if TYPE_CHECKING:  # the client imports aiohttp: loaded when a command runs, not at start
-    from node.client_stream import StreamEvent
+    from node.cli.api.stream import StreamEvent
 
 __all__ = ["deploy", "rollback", "tail"]
 
@@ -86,7 +86,7 @@ async def _watch(events: Any, render: _Renderer, as_json: bool, *, record: bool)
     Args:
         record: the ``done`` result is a deployment record (``tail``), not a deploy answer.
     """
-    from node.client_stream import deploy_result_from_record
+    from node.cli.api.stream import deploy_result_from_record
 
     async for ev in events:
         if not ev.terminal:
@@ -160,8 +160,8 @@ def deploy(conn: Conn, source: Path, project: str | None, as_json: bool, **opts:
     Streams the upload and the deploy's live events; exits 0 on success, 1 when the
     deploy failed, 2 on usage and connection errors.
     """
-    from node.client import Upload
-    from node.pack import pack_directory
+    from node.cli.api.client import Upload
+    from node.deploy.pack import pack_directory
 
     if project is None:
         if not source.is_dir():

@@ -3,14 +3,14 @@
 Speaks what SPEC section 4 and 6 define: ``POST /`` with a JSON body and Basic auth, a
 multipart upload (fields first, the ``payload`` file part last, streamed from disk with a
 byte-progress callback), and Server-Sent Events read with
-:class:`~node.sse_parser.SseParser`, a pure parser of the ``id:``/``event:``/``data:``
+:class:`~node.cli.api.sse.SseParser`, a pure parser of the ``id:``/``event:``/``data:``
 framing with no I/O in it.
 :meth:`Client.follow` tails a deployment and resumes with ``Last-Event-ID`` after a
 dropped connection; :meth:`Client.deploy` falls back to it when the deploy's own stream
 breaks off once the deployment id is known (the logic of both is in
-:mod:`node.client_stream`).
+:mod:`node.cli.api.stream`).
 
-aiohttp's exceptions are translated once, here, into the tree of :mod:`node.client_errors`.
+aiohttp's exceptions are translated once, here, into the tree of :mod:`node.cli.api.errors`.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from typing import IO, Any
 
 import aiohttp
 
-from node.client_errors import ApiError, AuthError, ConnectError, StreamError
-from node.client_stream import StreamEvent, decode_event, deploy_events, follow_events
-from node.sse_parser import SseComment, SseMessage, SseParser
+from node.cli.api.errors import ApiError, AuthError, ConnectError, StreamError
+from node.cli.api.sse import SseComment, SseMessage, SseParser
+from node.cli.api.stream import StreamEvent, decode_event, deploy_events, follow_events
 
 __all__ = ["Client", "Download", "SseComment", "SseMessage", "SseParser", "Upload"]
 
@@ -240,7 +240,7 @@ class Client:
     ) -> AsyncIterator[StreamEvent]:
         """Tail a deployment until its ``done`` or ``error``, resuming after drops.
 
-        See :func:`node.client_stream.follow_events`: events are seen at most once.
+        See :func:`node.cli.api.stream.follow_events`: events are seen at most once.
 
         Args:
             after: start after this seq (None replays the whole stored log).
@@ -262,7 +262,7 @@ class Client:
         """``deploy_component`` as a stream of events ending in ``done`` or ``error``.
 
         If the stream breaks off once the deployment id is known, the rest is read with
-        :meth:`follow` (see :func:`node.client_stream.deploy_events`).
+        :meth:`follow` (see :func:`node.cli.api.stream.deploy_events`).
 
         Raises:
             ConnectError, AuthError, ApiError: before the deploy was accepted.

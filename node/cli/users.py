@@ -11,8 +11,8 @@ from typing import Any
 
 import click
 
-from node.client_cli import Conn, connection_options, print_json, run
-from node.client_render import format_table
+from node.cli.common import Conn, connection_options, print_json, run
+from node.cli.render import format_table
 
 __all__ = ["roles", "users"]
 

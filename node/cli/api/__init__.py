@@ -1,0 +1,1 @@
+"""The HTTP/SSE client of the operations API, with its error tree and stream logic."""

@@ -1,0 +1,1 @@
+"""Local clusters: the layout of a cluster directory, its node processes, a live deploy."""
