@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import signal
 import socket
 import time
@@ -12,7 +13,7 @@ import structlog
 from aiohttp import web
 
 from node.app import ClusterFactory, create_app
-from node.config import Config
+from node.config import Config, unknown_env_warning
 
 __all__ = ["StartupError", "serve"]
 
@@ -63,6 +64,9 @@ async def serve(config: Config, *, faults: object | None = None) -> None:
     """
     from storage.faults import EnvCrashPoints
 
+    unknown_env = unknown_env_warning(os.environ)
+    if unknown_env is not None:  # a mistyped variable must not be silently ignored
+        log.warning("unknown_env_variables", detail=unknown_env)
     app = create_app(config, faults=EnvCrashPoints(), cluster_factory=_cluster_factory(config))
     ssl_ctx = None
     if config.admin.tls_cert is not None and config.admin.tls_key is not None:

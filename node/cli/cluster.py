@@ -7,15 +7,14 @@ processes is :mod:`node.cli.local.processes`; the live deploy is
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import re
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
@@ -31,15 +30,17 @@ from node.cli.local.layout import (
     plan_cluster,
 )
 from node.cli.local.live_deploy import deploy_with_progress
-from node.cli.local.processes import ClusterError, LocalCluster, admin_op, ports_in_use
+from node.cli.local.processes import ClusterError, LocalCluster, ports_in_use
 from node.cli.render import summary_line
-from node.cli.status import render_status, status_targets
+from node.cli.status import cluster_status
+from storage.rules import PROJECT_RE
 
 __all__ = ["cluster", "demo"]
 
 DEMO_DIR = Path("cairn-demo")
 DEMO_PROJECT = "hello"
-_PROJECT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: Prints one human line (to stdout, or to stderr under ``--json``).
+Echo = Callable[[str], None]
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -93,20 +94,30 @@ def _run_cluster(
     project: str | None,
     exit_after_deploy: bool,
     timeout_s: float,
+    as_json: bool,
 ) -> NoReturn:
-    """Lay out, start, wait, show, optionally deploy, then serve until a stop signal."""
+    """Lay out, start, wait, show, optionally deploy, then serve until a stop signal.
+
+    Under ``as_json`` the human lines go to stderr and one JSON line (the nodes, the
+    admin user, the deploy's outcome) to stdout once the cluster is ready (and deployed).
+    """
+    from node.cli.api.errors import describe_os_error
+    from replication.errors import CertificateError
+
+    say = functools.partial(click.echo, err=as_json)
     busy = ports_in_use(layout)
     if busy:
         more = f" (and {len(busy) - 1} more)" if len(busy) > 1 else ""
         _fail(f"port {busy[0]}{more}; stop what uses it or pick another --base-port", 2)
-    from replication.errors import CertificateError
-
     try:
         actions = materialize(layout)
-    except (CertificateError, OSError) as e:
+    except CertificateError as e:
         _fail(f"cannot prepare {layout.root}: {e}")
+    except OSError as e:
+        where = f" {e.filename}" if e.filename else ""
+        _fail(f"cannot prepare {layout.root}:{where} {describe_os_error(e)}", 2)
     created = sum(not a.startswith("reused") for a in actions)
-    click.echo(
+    say(
         f"cluster directory {layout.root}: {len(layout.nodes)} nodes, "
         f"{created} file(s) created, {len(actions) - created} reused"
     )
@@ -115,60 +126,87 @@ def _run_cluster(
     code = 0
     with _stop_signals():
         try:
-            click.echo(f"starting {len(layout.nodes)} nodes ...")
+            say(f"starting {len(layout.nodes)} nodes ...")
             nodes.start()
-            nodes.wait_ready(timeout_s, progress=click.echo)
-            _show_ready(layout, password, source)
+            nodes.wait_ready(timeout_s, progress=say)
+            _show_ready(layout, password, source, say)
+            doc = _ready_document(layout, source)
             if deploy is not None:
-                code = _deploy(layout, nodes, deploy, project)
-                if exit_after_deploy:
-                    raise _Stop("deploy done")
-            code = _watch(nodes)
+                code, doc["deploy"] = _deploy(layout, nodes, deploy, project, say)
+            if as_json:
+                click.echo(json.dumps(doc))
+            if deploy is not None and exit_after_deploy:
+                raise _Stop("deploy done")
+            code = _watch(nodes) or code
         except ClusterError as e:
             click.echo(f"cairn: {e}", err=True)
             code = e.exit_code
         except _Stop as e:
-            click.echo(f"{e}: stopping {len(layout.nodes)} nodes ...")
+            say(f"{e}: stopping {len(layout.nodes)} nodes ...")
         finally:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             ends = nodes.stop()
             if ends:
-                click.echo("; ".join(e.describe() for e in ends))
+                say("; ".join(e.describe() for e in ends))
             if any(e.returncode not in (0, -signal.SIGTERM) for e in ends) and code == 0:
                 code = 1
     sys.exit(code)
 
 
-def _show_ready(layout: ClusterLayout, password: str, source: str) -> None:
-    click.echo(f"cluster ready: {len(layout.nodes)} nodes, all connected")
+def _show_ready(layout: ClusterLayout, password: str, source: str, say: Echo) -> None:
+    say(f"cluster ready: {len(layout.nodes)} nodes, all connected")
     for n in layout.nodes:
-        click.echo(f"  {n.name}  {n.admin_url}  (peer {n.peer_url}, log {n.log_path})")
-    click.echo(f"admin user: {ADMIN_USER}")
+        say(f"  {n.name}  {n.admin_url}  (peer {n.peer_url}, log {n.log_path})")
+    say(f"admin user: {ADMIN_USER}")
     if source == "CAIRN_ADMIN_PASSWORD":
-        click.echo("admin password: the value of CAIRN_ADMIN_PASSWORD")
+        say("admin password: the value of CAIRN_ADMIN_PASSWORD")
     else:
-        click.echo(f"admin password: {password}  (stored in {source})")
-    click.echo(f"status: cairn cluster status --dir {layout.root}")
-    click.echo("Ctrl-C stops every node.")
+        say(f"admin password: {password}  (stored in {source})")
+    say(f"status: cairn cluster status --dir {layout.root}")
+    say("Ctrl-C stops every node.")
 
 
-def _deploy(layout: ClusterLayout, nodes: LocalCluster, path: Path, project: str | None) -> int:
+def _ready_document(layout: ClusterLayout, source: str) -> dict[str, Any]:
+    """What ``--json`` prints once the cluster is ready (never the password itself)."""
+    return {
+        "cluster_dir": str(layout.root),
+        "nodes": [
+            {
+                "name": n.name,
+                "admin_url": n.admin_url,
+                "peer_url": n.peer_url,
+                "log": str(n.log_path),
+            }
+            for n in layout.nodes
+        ],
+        "admin_user": ADMIN_USER,
+        "admin_password_from": source,
+    }
+
+
+def _deploy(
+    layout: ClusterLayout, nodes: LocalCluster, path: Path, project: str | None, say: Echo
+) -> tuple[int, dict[str, Any]]:
+    """Deploy ``path`` through n1; returns the exit code and the outcome for ``--json``."""
+    from node.cli.api.errors import ConnectError, describe_os_error
+
     name = project or path.name.removesuffix(".tar.gz").removesuffix(".tgz")
-    if not _PROJECT_RE.match(name):
+    if not PROJECT_RE.fullmatch(name):
         raise ClusterError(f"{name!r} is not a valid project name; pass --project", exit_code=2)
     target = layout.nodes[0]
-    click.echo(f"deploying {path} as {name} through {target.name} ...")
+    say(f"deploying {path} as {name} through {target.name} ...")
     try:
         outcome = deploy_with_progress(
-            target.admin_url, name, path, user=nodes.user, password=nodes.password,
-            echo=click.echo,
+            target.admin_url, name, path, user=nodes.user, password=nodes.password, echo=say,
         )  # fmt: skip
-    except OSError as e:
+    except ConnectError as e:
         raise ClusterError(f"deploy of {path} failed: {e}") from None
+    except OSError as e:
+        raise ClusterError(f"cannot read {path}: {describe_os_error(e)}", exit_code=2) from None
     if outcome.ok:
-        click.echo(summary_line(outcome.result))
-        return 0
+        say(summary_line(outcome.result))
+        return 0, {"ok": True, "result": outcome.result}
     err = outcome.result
     failed = err.get("failed_nodes")
     click.echo(
@@ -176,7 +214,7 @@ def _deploy(layout: ClusterLayout, nodes: LocalCluster, path: Path, project: str
         + (f", failed nodes: {', '.join(failed)}" if failed else ""),
         err=True,
     )
-    return 1
+    return 1, {"ok": False, "result": err}
 
 
 def _watch(nodes: LocalCluster) -> int:
@@ -203,6 +241,9 @@ def _watch(nodes: LocalCluster) -> int:
 @click.option("--project", help="project name for --deploy (default: its directory name)")
 @click.option("--timeout", "timeout_s", default=60.0, show_default=True, type=float,
               help="seconds to wait for every node to connect")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True,
+              help="once ready, print one JSON line (nodes, admin user, deploy outcome) on "
+                   "stdout; progress goes to stderr")  # fmt: skip
 def cluster_up(
     count: int,
     root: Path,
@@ -210,6 +251,7 @@ def cluster_up(
     deploy: Path | None,
     project: str | None,
     timeout_s: float,
+    as_json: bool,
 ) -> None:
     """Create (or reuse) a CA, certificates and configs under DIR and run N nodes here.
 
@@ -222,48 +264,9 @@ def cluster_up(
     except ValueError as e:
         _fail(str(e), 2)
     _run_cluster(
-        layout, deploy=deploy, project=project, exit_after_deploy=False, timeout_s=timeout_s
-    )
-
-
-@cluster.command("status")
-@click.option("--target", "targets", multiple=True, help="node admin URL (repeat; CAIRN_TARGET)")
-@click.option("--dir", "root", type=click.Path(path_type=Path), help="a `cluster up` directory")
-@click.option("--user", envvar="CAIRN_USER", default=ADMIN_USER, show_default=True)
-@click.option("--password", envvar="CAIRN_PASSWORD", help="or CAIRN_PASSWORD")
-@click.option("--json", "as_json", is_flag=True, help="print cluster_status as JSON")
-def cluster_status(
-    targets: tuple[str, ...], root: Path | None, user: str, password: str | None, as_json: bool
-) -> None:
-    """Show each node's peers: state, last seen, lag, transfers, last error."""
-    try:
-        urls, stored = status_targets(targets, root, os.environ)
-    except (OSError, ValueError) as e:
-        _fail(str(e), 2)
-    password = password or stored
-    if not password:
-        _fail("no password: pass --password, set CAIRN_PASSWORD, or use --dir", 2)
-    answers: list[Any] = []
-    failed = False
-    now_ms = int(datetime.now(UTC).timestamp() * 1000)
-    for url in urls:
-        try:
-            code, body = admin_op(url, "cluster_status", user=user, password=password)
-        except OSError as e:
-            failed = True
-            click.echo(f"cairn: {url} cannot be reached: {e}", err=True)
-            continue
-        if code != 200 or not isinstance(body, dict):
-            failed = True
-            msg = body.get("error") if isinstance(body, dict) else body
-            click.echo(f"cairn: {url} answered {code}: {msg}", err=True)
-            continue
-        answers.append(body)
-        if not as_json:
-            click.echo(render_status(url, body, now_ms=now_ms))
-    if as_json:
-        click.echo(json.dumps(answers[0] if len(urls) == 1 and answers else answers, indent=2))
-    sys.exit(1 if failed else 0)
+        layout, deploy=deploy, project=project, exit_after_deploy=False, timeout_s=timeout_s,
+        as_json=as_json,
+    )  # fmt: skip
 
 
 # -- cairn demo -----------------------------------------------------------------------
@@ -274,7 +277,15 @@ def cluster_status(
 @click.option("--base-port", default=DEFAULT_BASE_PORT, show_default=True, type=int)
 @click.option("--exit-after-deploy", is_flag=True, help="stop the cluster once the deploy is over")
 @click.option("--timeout", "timeout_s", default=60.0, show_default=True, type=float)
-def demo(root: Path, base_port: int, exit_after_deploy: bool, timeout_s: float) -> None:
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="print one JSON line (nodes, deploy outcome) on stdout; progress to stderr",
+)
+def demo(
+    root: Path, base_port: int, exit_after_deploy: bool, timeout_s: float, as_json: bool
+) -> None:
     """Run a 3-node cluster and deploy the bundled example component to it, live."""
     try:
         layout = plan_cluster(root.absolute(), 3, base_port=base_port)
@@ -286,4 +297,8 @@ def demo(root: Path, base_port: int, exit_after_deploy: bool, timeout_s: float) 
         project=DEMO_PROJECT,
         exit_after_deploy=exit_after_deploy,
         timeout_s=timeout_s,
+        as_json=as_json,
     )
+
+
+cluster.add_command(cluster_status)

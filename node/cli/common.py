@@ -1,10 +1,16 @@
 """What every ``cairn`` client command shares: connection options, output, exit codes.
 
-Every client command takes ``--target``, ``--user`` and ``--password`` (or ``CAIRN_TARGET``,
-``CAIRN_USER``, ``CAIRN_PASSWORD``). Exit codes: 0 success; 1 a failed deploy or an error
-answer from the node; 2 usage errors, refused credentials and unreachable targets.
-Failures are one line on stderr, never a traceback. With ``--json`` stdout carries only
-the JSON result; human output then goes to stderr.
+Every client command takes ``--target``, ``--user`` and ``--password`` (or
+``CAIRN_TARGET``, ``CAIRN_USER``, ``CAIRN_PASSWORD``); ``--user``/``--password`` always
+mean "sign in as". Every command takes ``--json``: stdout then carries exactly one JSON
+document (the result, or on failure the error body), and human lines go to stderr.
+
+Exit codes (:data:`EXIT_OK`, :data:`EXIT_FAILED`, :data:`EXIT_USAGE`): 0 success; 1 the
+operation failed (a failed deploy, or the node refused: 403, 404, 409, 410, 5xx; a stream
+that broke off); 2 a usage or input error (bad flags or values, an ambiguous id prefix,
+input the node answered 400, refused credentials, a target that cannot be reached). A
+failure is one ``cairn: ...`` line on stderr saying what to do next, never a traceback:
+foreign errors are put into words once, by :mod:`node.cli.api.client`, and here.
 """
 
 from __future__ import annotations
@@ -26,18 +32,43 @@ import click
 
 if TYPE_CHECKING:  # the client imports aiohttp: loaded when a command runs, not at start
     from node.cli.api.client import Client
+    from node.cli.api.errors import ApiError
 
 __all__ = [
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "CommandError",
     "Conn",
     "connection_options",
-    "connection_options_auth_user",
     "fail",
     "human_stream",
+    "json_option",
     "parse_time",
     "print_json",
     "run",
     "time_option",
 ]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class CommandError(Exception):
+    """A command cannot go on; :func:`run` prints the message and exits with ``exit_code``.
+
+    Attributes:
+        exit_code: :data:`EXIT_FAILED` or :data:`EXIT_USAGE`.
+        body: the JSON error document printed on stdout under ``--json``.
+    """
+
+    def __init__(
+        self, message: str, *, exit_code: int = EXIT_FAILED, code: str = "failed", **extra: Any
+    ) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.body: dict[str, Any] = {"error": message, "code": code, **extra}
 
 
 def fail(message: str, code: int) -> NoReturn:
@@ -64,70 +95,134 @@ class Conn:
         return Client(self.target, user=self.user, password=self.password, ca_file=self.ca)
 
 
-def _connection(*user_flags: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    """A decorator adding ``--target``, the user flags, ``--password`` and ``--ca``; the
-    command receives them as ``conn``."""
+def check_target(target: str) -> str:
+    """``target`` if it is an http(s) URL.
 
-    def decorate(command: Callable[..., None]) -> Callable[..., None]:
-        @functools.wraps(command)
-        def wrapper(
-            target: str, auth_user: str | None, password: str | None, ca: Path | None,
-            **kwargs: Any,
-        ) -> None:  # fmt: skip
-            if not re.match(r"^https?://[^/\s]+", target):
-                raise click.BadParameter(
-                    f"{target!r} is not an http(s) URL", param_hint="'--target' / CAIRN_TARGET"
-                )
-            if auth_user is not None and password is None:
-                if not sys.stdin.isatty():
-                    raise click.UsageError("no password: pass --password or set CAIRN_PASSWORD")
-                password = click.prompt(f"Password for {auth_user}", hide_input=True, err=True)
-            command(conn=Conn(target, auth_user, password, ca), **kwargs)
-
-        options = [
-            click.option("--ca", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                         envvar="CAIRN_CA", help="CA bundle for an https target [env CAIRN_CA]"),
-            click.option("--password", envvar="CAIRN_PASSWORD",
-                         help="password [env CAIRN_PASSWORD; prompted on a terminal]"),
-            click.option(*user_flags, "auth_user", envvar="CAIRN_USER",
-                         help="user to sign in as [env CAIRN_USER]"),
-            click.option("--target", "-t", envvar="CAIRN_TARGET", default="http://127.0.0.1:9925",
-                         show_default=True, help="admin URL of a node [env CAIRN_TARGET]"),
-        ]  # fmt: skip
-        for option in options:
-            wrapper = option(wrapper)
-        return wrapper
-
-    return decorate
+    Raises:
+        click.BadParameter: it is not.
+    """
+    if not re.match(r"^https?://[^/\s]+", target):
+        raise click.BadParameter(
+            f"{target!r} is not an http(s) URL (like http://127.0.0.1:9925)",
+            param_hint="'--target' / CAIRN_TARGET",
+        )
+    return target
 
 
-#: ``--target/--user/--password/--ca`` (``--auth-user`` is an alias of ``--user``).
-connection_options = _connection("--user", "-u", "--auth-user")
-#: The same for commands where ``--user`` is a filter: sign in with ``--auth-user``.
-connection_options_auth_user = _connection("--auth-user")
+def ask_password(user: str | None, password: str | None) -> str | None:
+    """The password for ``user``: given, or prompted for on a terminal.
+
+    Raises:
+        click.UsageError: a user without a password, and no terminal to ask on.
+    """
+    if user is None or password is not None:
+        return password
+    if not sys.stdin.isatty():
+        raise click.UsageError(f"no password for {user}: pass --password or set CAIRN_PASSWORD")
+    value: str = click.prompt(f"Password for {user}", hide_input=True, err=True)
+    return value
 
 
-def run(main: Callable[[], Coroutine[Any, Any, int]]) -> NoReturn:
-    """Run a command's coroutine; turn client errors into one line and an exit code."""
-    from node.cli.api.errors import ApiError, AuthError, ConnectError, StreamError
+def connection_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Add ``--target``, ``--user``, ``--password`` and ``--ca``; the command gets ``conn``.
+
+    ``--auth-user`` is kept as a hidden alias of ``--user`` (it was the sign-in flag of
+    ``deployments list`` while ``--user`` filtered there; the filter is now
+    ``--deployed-by``).
+    """
+
+    @functools.wraps(command)
+    def wrapper(
+        target: str, auth_user: str | None, auth_user_alias: str | None, password: str | None,
+        ca: Path | None, **kwargs: Any,
+    ) -> None:  # fmt: skip
+        user = auth_user_alias if auth_user_alias is not None else auth_user
+        password = ask_password(user, password)
+        command(conn=Conn(check_target(target), user, password, ca), **kwargs)
+
+    options = [
+        click.option("--ca", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     envvar="CAIRN_CA", help="CA bundle for an https target [env CAIRN_CA]"),
+        click.option("--password", envvar="CAIRN_PASSWORD",
+                     help="password to sign in with [env CAIRN_PASSWORD; prompted on a terminal]"),
+        click.option("--auth-user", "auth_user_alias", hidden=True),
+        click.option("--user", "-u", "auth_user", envvar="CAIRN_USER",
+                     help="user to sign in as [env CAIRN_USER]"),
+        click.option("--target", "-t", envvar="CAIRN_TARGET", default="http://127.0.0.1:9925",
+                     show_default=True, help="admin URL of a node [env CAIRN_TARGET]"),
+    ]  # fmt: skip
+    for option in options:
+        wrapper = option(wrapper)
+    return wrapper
+
+
+def json_option(command: Callable[..., None]) -> Callable[..., None]:
+    """``--json``: one JSON document on stdout; the command gets ``as_json``."""
+    return click.option(
+        "--json", "as_json", is_flag=True,
+        help="print one JSON document on stdout (the result, or the error); text goes to stderr",
+    )(command)  # fmt: skip
+
+
+# -- running a command --------------------------------------------------------------------
+
+
+def _api_failure(e: ApiError) -> tuple[str, int]:
+    """The line and exit code for an error answer, with what to do next."""
+    what = e.describe()
+    if e.status == 401:
+        return f"{what}: check --user/--password (or CAIRN_USER/CAIRN_PASSWORD)", EXIT_USAGE
+    if e.status == 403:
+        op = f" '{e.operation}'" if e.operation else ""
+        return f"{what}: ask an administrator for a role that allows{op}", EXIT_FAILED
+    if e.code == "unknown_operation":
+        return (
+            f"{what}: the node runs a cairn version without this operation; upgrade it",
+            EXIT_FAILED,
+        )
+    return what, EXIT_USAGE if e.status == 400 else EXIT_FAILED
+
+
+def os_error_line(e: OSError) -> str:
+    """A local file error in plain words: ``cannot open FILE: permission denied``."""
+    from node.cli.api.errors import describe_os_error
+
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{describe_os_error(e)}"
+
+
+def run(main: Callable[[], Coroutine[Any, Any, int]], *, as_json: bool = False) -> NoReturn:
+    """Run a command's coroutine; turn every failure into one line and an exit code.
+
+    Under ``as_json`` the failure is also printed on stdout as a JSON error document
+    (``{"error", "code", ...}``), so stdout always holds exactly one document.
+    """
+    from node.cli.api.errors import ApiError, ConnectError, StreamError
+
+    def failed(message: str, code: int, body: dict[str, Any]) -> NoReturn:
+        if as_json:
+            print_json(body)
+        fail(message, code)
 
     try:
         code = asyncio.run(main())
-    except AuthError as e:
-        fail(f"{e.describe()}: check --user/--password (or CAIRN_USER/CAIRN_PASSWORD)", 2)
+    except CommandError as e:
+        failed(str(e), e.exit_code, e.body)
     except ApiError as e:
-        fail(e.describe(), 2 if e.status == 400 else 1)
+        message, code = _api_failure(e)
+        failed(message, code, {**e.body, "status": e.status})
     except ConnectError as e:
-        fail(str(e), 2)
+        failed(str(e), EXIT_USAGE, {"error": str(e), "code": "unreachable"})
     except StreamError as e:
-        fail(str(e), 2)
+        failed(str(e), EXIT_FAILED, {"error": str(e), "code": "stream_broken"})
     except BrokenPipeError:
         # The reader (``| head``) went away: stop quietly, and keep Python from
         # complaining again when it flushes stdout at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
+        sys.exit(EXIT_FAILED)
     except OSError as e:
-        fail(f"{e.strerror or e}: {e.filename}" if e.filename else str(e), 2)
+        line = os_error_line(e)
+        failed(line, EXIT_USAGE, {"error": line, "code": "local_error"})
     except KeyboardInterrupt:
         fail("interrupted", 130)
     sys.exit(code)

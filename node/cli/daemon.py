@@ -27,7 +27,13 @@ def node() -> None:
     type=click.Path(path_type=Path),
     help="TOML config file",
 )
-def node_run(config_path: Path) -> None:
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="log JSON lines even on a terminal (the default off one)",
+)
+def node_run(config_path: Path, as_json: bool) -> None:
     """Run one node in the foreground until SIGTERM or Ctrl-C."""
     from node.runner import StartupError, serve
 
@@ -43,7 +49,7 @@ def node_run(config_path: Path) -> None:
                 )
             except CertificateError as e:
                 raise StartupError(str(e)) from None
-        configure_logging(config.log_level)
+        configure_logging(config.log_level, json=True if as_json else None)
         asyncio.run(serve(config))
     except (ConfigError, StartupError) as e:
         click.echo(f"cairn: {e}", err=True)

@@ -1,36 +1,23 @@
-"""``cairn deployments ...``: list, show, payload and prune (tail and rollback come
-from :mod:`node.cli.deploy`).
+"""``cairn deployments ...``: list and show here; ``tail`` comes from :mod:`node.cli.deploy`,
+``rollback`` from :mod:`node.cli.rollback`, and the payload commands (``payload``,
+``prune``, ``pin``, ``unpin``, ``delete-payload``) from :mod:`node.cli.payloads`.
 
-Thin clients of the operations API (:mod:`node.cli.api.client`); the shared options
-and the runner that turns errors into exit codes are in :mod:`node.cli.common`.
+Every command that takes a deployment id also takes a unique prefix of one
+(:mod:`node.cli.ids`).
 """
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
 from typing import Any
 
 import click
 
-from node.cli.common import (
-    Conn,
-    connection_options,
-    connection_options_auth_user,
-    fail,
-    print_json,
-    run,
-    time_option,
-)
-from node.cli.deploy import rollback, tail
-from node.cli.render import (
-    format_duration,
-    format_size,
-    format_table,
-    format_time,
-    render_event,
-)
+from node.cli.common import Conn, connection_options, json_option, print_json, run, time_option
+from node.cli.deploy import tail
+from node.cli.ids import resolve_deployment_id
+from node.cli.payloads import delete_payload, payload, pin, prune, unpin
+from node.cli.render import format_duration, format_size, format_table, format_time, render_event
+from node.cli.rollback import rollback
 
 __all__ = ["deployments"]
 
@@ -48,7 +35,7 @@ def deployments() -> None:
 @deployments.command("list")
 @click.option("--project", "-p", help="only this component")
 @click.option("--status", type=click.Choice(_STATUSES), help="only this status")
-@click.option("--user", "by_user", help="only deploys asked for by this user")
+@click.option("--deployed-by", "by_user", metavar="USER", help="only deploys asked for by USER")
 @click.option(
     "--since", metavar="TIME", callback=time_option, help="started at or after (ms, 2h, ISO date)"
 )
@@ -57,10 +44,10 @@ def deployments() -> None:
 )
 @click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
 @click.option("--cursor", help="continue a listing (from the previous page's hint)")
-@click.option("--json", "as_json", is_flag=True, help="print the raw answer as JSON")
-@connection_options_auth_user
+@json_option
+@connection_options
 def list_deployments(conn: Conn, as_json: bool, by_user: str | None, **filters: Any) -> None:
-    """Deployments, newest first."""
+    """Deployments, newest first (filtered and paged by the node)."""
     fields = {k: v for k, v in {**filters, "user": by_user}.items() if v is not None}
 
     async def main() -> int:
@@ -91,7 +78,7 @@ def list_deployments(conn: Conn, as_json: bool, by_user: str | None, **filters: 
                        err=True)  # fmt: skip
         return 0
 
-    run(main)
+    run(main, as_json=as_json)
 
 
 def _nodes_cell(d: dict[str, Any]) -> str:
@@ -101,15 +88,16 @@ def _nodes_cell(d: dict[str, Any]) -> str:
 
 
 @deployments.command("show")
-@click.argument("deployment_id")
-@click.option("--json", "as_json", is_flag=True, help="print the record as JSON")
+@click.argument("deployment_id", metavar="ID")
+@json_option
 @connection_options
 def show(conn: Conn, deployment_id: str, as_json: bool) -> None:
-    """One deployment: its record, its nodes and its event log."""
+    """Deployment ID (or a unique prefix): its record, its nodes and its event log."""
 
     async def main() -> int:
         async with conn.client() as client:
-            d = await client.op("get_deployment", deployment_id=deployment_id)
+            did = await resolve_deployment_id(client, deployment_id)
+            d = await client.op("get_deployment", deployment_id=did)
         if as_json:
             print_json(d)
             return 0
@@ -130,6 +118,7 @@ def show(conn: Conn, deployment_id: str, as_json: bool) -> None:
             ("completed", f"{format_time(d.get('completed_at'))} (took {took})"),
             ("payload", payload), ("restart", d.get("restart_mode") or "-"),
             ("rollback of", d.get("rollback_of") or "-"),
+            ("pinned", "yes (retention keeps its payload)" if d.get("pinned") else "no"),
             ("error", f"{error['message']} [{error['code']}] in phase {error.get('phase')}"
              if error else "-"),
         ]  # fmt: skip
@@ -150,69 +139,8 @@ def show(conn: Conn, deployment_id: str, as_json: bool) -> None:
                 click.echo(f"  {e['seq']:>4}  {text}")
         return 0
 
-    run(main)
+    run(main, as_json=as_json)
 
 
-@deployments.command("payload")
-@click.argument("deployment_id")
-@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="file to write (- for stdout)")  # fmt: skip
-@connection_options
-def payload(conn: Conn, deployment_id: str, output: Path) -> None:
-    """Download the payload a deployment was made from (sha256 checked)."""
-
-    async def main() -> int:
-        to_stdout = str(output) == "-"
-        part = output.with_name(f".{output.name}.part")
-        async with conn.client() as client:
-            if to_stdout:
-                got = await client.download(deployment_id, sys.stdout.buffer)
-            else:
-                with part.open("wb") as f:
-                    try:
-                        got = await client.download(deployment_id, f)
-                    except BaseException:
-                        part.unlink(missing_ok=True)
-                        raise
-        if got.expected_sha256 and got.expected_sha256 != got.sha256:
-            if not to_stdout:
-                part.unlink(missing_ok=True)
-            fail(f"payload sha256 {got.sha256} does not match {got.expected_sha256}", 1)
-        if not to_stdout:
-            os.replace(part, output)
-        click.echo(f"Saved {format_size(got.size)} to {output} (sha256 {got.sha256})", err=True)
-        return 0
-
-    run(main)
-
-
-@deployments.command("prune")
-@click.option("--project", "-p", help="only this component")
-@click.option("--dry-run", is_flag=True, help="report what would be freed")
-@click.option("--json", "as_json", is_flag=True)
-@connection_options
-def prune(conn: Conn, project: str | None, dry_run: bool, as_json: bool) -> None:
-    """Drop payloads the retention policy no longer keeps (records stay)."""
-
-    async def main() -> int:
-        fields: dict[str, Any] = {"dry_run": dry_run}
-        if project:
-            fields["project"] = project
-        async with conn.client() as client:
-            result = await client.op("prune_deployment_payloads", **fields)
-        if as_json:
-            print_json(result)
-            return 0
-        verb = "Would free" if dry_run else "Freed"
-        dropped = result.get("dropped") or []
-        click.echo(f"{verb} {format_size(int(result.get('freed_bytes') or 0))} "
-                   f"({len(dropped)} payloads)")  # fmt: skip
-        for did in dropped:
-            click.echo(f"  {did}")
-        return 0
-
-    run(main)
-
-
-deployments.add_command(tail)
-deployments.add_command(rollback)
+for _command in (tail, rollback, payload, pin, unpin, delete_payload, prune):
+    deployments.add_command(_command)

@@ -364,16 +364,20 @@ def test_status_targets_prefer_options_then_dir_then_env(tmp_path: Path) -> None
 def test_cluster_status_against_a_real_single_node(tmp_path: Path) -> None:
     node = NodeProcess("solo", tmp_path).start()
     try:
-        env = {"CAIRN_PASSWORD": ADMIN_PASSWORD}
+        env = {"CAIRN_USER": "admin", "CAIRN_PASSWORD": ADMIN_PASSWORD}
         code, out, err = run("cluster", "status", "--target", node.url, env=env)
         assert code == 0, err
         assert out.startswith(f"solo at {node.url}") and "no peers" in out
         code, out, _ = run("cluster", "status", "--target", node.url, "--json", env=env)
         assert code == 0 and json.loads(out)["node"] == "solo"
-        code, _, err = run("cluster", "status", "--target", node.url, "--password", "wrong")
-        assert code == 1 and "answered 401" in err
+        code, _, err = run("cluster", "status", "--target", node.url, "-u", "admin",
+                           "--password", "wrong")  # fmt: skip
+        assert code == 2 and "[unauthorized]: check --user/--password" in err
         closed = f"http://127.0.0.1:{free_port()}"
         code, _, err = run("cluster", "status", "--target", closed, env=env)
-        assert code == 1 and "cannot be reached" in err
+        assert code == 1 and f"cannot reach {closed}: connection refused" in err
+        code, out, err = run("cluster", "status", "--target", node.url, "--target", closed,
+                             "--json", env=env)  # fmt: skip
+        assert code == 1 and [a["node"] for a in json.loads(out)] == ["solo"]
     finally:
         node.stop()
