@@ -24,8 +24,8 @@ from node.config import parse_config
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "cluster-compose.yml"
-UNIT = ROOT / "deploy" / "cairn-node@.service"
-EXAMPLE = ROOT / "deploy" / "cairn-node.toml.example"
+UNIT = ROOT / "packaging" / "systemd" / "cairn-node@.service"
+EXAMPLE = ROOT / "packaging" / "systemd" / "cairn-node.toml.example"
 
 
 # -- Dockerfile --------------------------------------------------------------------------
