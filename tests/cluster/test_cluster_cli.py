@@ -707,3 +707,34 @@ def test_roles_users_and_what_a_limited_user_sees(deployed: Deployed) -> None:
     assert r.code == 2 and r.json["code"] == "unreachable"
     assert cairn(n1, "users", "drop", "carol").code == 0
     assert cairn(n1, "roles", "drop", "reader", "--json").code == 0
+
+
+@pytest.mark.cluster
+def test_cluster_up_json_prints_one_line_once_ready(tmp_path: Path) -> None:
+    """``cluster up --json``: progress on stderr, one JSON line on stdout when ready."""
+    base = next(
+        p for p in (free_port() for _ in range(50))
+        if p + 100 <= 65535 and not ports_in_use(plan_cluster(tmp_path, 1, base_port=p))
+    )  # fmt: skip
+    err_file = tmp_path / "stderr.txt"
+    with err_file.open("wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "node", "cluster", "up", "--nodes", "1",
+             "--dir", str(tmp_path / "c"), "--base-port", str(base), "--json"],
+            stdout=subprocess.PIPE, stderr=err, env=cli_env(),
+        )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # blocks until the cluster is ready (or it exits)
+        doc = json.loads(line)
+        assert doc["nodes"] == [{
+            "name": "n1", "admin_url": f"http://127.0.0.1:{base}",
+            "peer_url": f"wss://127.0.0.1:{base + 100}",
+            "log": str(tmp_path / "c" / "n1" / "node.log"),
+        }]  # fmt: skip
+        assert doc["admin_user"] == "admin" and "password" not in json.dumps(doc["nodes"])
+    finally:
+        proc.terminate()
+        rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and rest == b""  # nothing but that one line on stdout
+    assert "cluster ready: 1 nodes" in err_file.read_text()
