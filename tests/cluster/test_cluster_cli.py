@@ -269,13 +269,25 @@ def test_admin_password_from_env_or_generated_once(tmp_path: Path) -> None:
 # -- cairn cluster up / status without peers ------------------------------------------
 
 
-def test_cluster_up_with_a_port_in_use_says_so_and_exits_2(tmp_path: Path) -> None:
-    with socket.socket() as busy:
+def _busy_base_port(tmp_path: Path) -> socket.socket:
+    """A listening socket whose port, as a base port, is the only busy port of a 2-node
+    layout (other processes on this machine may hold the others: try again then)."""
+    for _ in range(20):
+        busy = socket.socket()
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        layout = plan_cluster(tmp_path, 2, base_port=port)
-        assert ports_in_use(layout) == [f"127.0.0.1:{port} (n1 admin port) is in use"]
+        if port + 101 <= 65535:
+            layout = plan_cluster(tmp_path, 2, base_port=port)
+            if ports_in_use(layout) == [f"127.0.0.1:{port} (n1 admin port) is in use"]:
+                return busy
+        busy.close()
+    raise AssertionError("no port whose layout is otherwise free")
+
+
+def test_cluster_up_with_a_port_in_use_says_so_and_exits_2(tmp_path: Path) -> None:
+    with _busy_base_port(tmp_path) as busy:
+        port = busy.getsockname()[1]
         code, _, err = run("cluster", "up", "--nodes", "2", "--dir", str(tmp_path),
                              "--base-port", str(port))  # fmt: skip
     assert code == 2
