@@ -1,5 +1,5 @@
 """``python -m node`` runs the ``cairn`` command line."""
 
-from node.cli import main
+from node.cli.root import main
 
 main()

@@ -23,6 +23,8 @@ from urllib.parse import urlparse
 from replication.session import Settings
 
 __all__ = [
+    "OTHER_ENV",
+    "TEST_ENV_PREFIXES",
     "AdminConfig",
     "AuthConfig",
     "ComponentsConfig",
@@ -36,8 +38,11 @@ __all__ = [
     "ReplicationConfig",
     "RetentionConfig",
     "TlsConfig",
+    "config_env_names",
     "load_config",
     "parse_config",
+    "unknown_env_variables",
+    "unknown_env_warning",
 ]
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -225,6 +230,66 @@ _SECTIONS: dict[str, type[Any]] = {
     "retention": RetentionConfig,
     "components": ComponentsConfig,
 }
+
+
+#: Environment variables cairn reads that are not config keys: client settings, the
+#: bootstrap password, fault injection, and what a node sets for its hooks.
+OTHER_ENV: dict[str, str] = {
+    "CAIRN_ADMIN_PASSWORD": "the bootstrap admin's password, used on the node's first start",
+    "CAIRN_TARGET": "client: the admin URL to talk to",
+    "CAIRN_USER": "client: the user to sign in as",
+    "CAIRN_PASSWORD": "client: the password to sign in with",
+    "CAIRN_CA": "client: the CA bundle for an https target",
+    "CAIRN_NEW_PASSWORD": "client: the password `cairn users add` and `cairn users alter` set",
+    "CAIRN_CRASHPOINT": "fault tests: the named crash point to stop at",
+    "CAIRN_PROJECT": "set by the node for hooks: the component",
+    "CAIRN_DEPLOYMENT_ID": "set by the node for hooks: the deployment",
+    "CAIRN_RELEASE_DIR": "set by the node for hooks: the release directory",
+}
+#: Prefixes left to test suites, soak runs and benchmarks.
+TEST_ENV_PREFIXES = ("CAIRN_TEST_", "CAIRN_SOAK_", "CAIRN_BENCH_")
+
+
+def config_env_names() -> dict[str, tuple[str, str]]:
+    """Every ``CAIRN_<SECTION>_<KEY>`` variable that overrides a config key → (section, key)."""
+    return {
+        f"CAIRN_{section.upper()}_{f.name.upper()}": (section, f.name)
+        for section, cls in _SECTIONS.items()
+        for f in dataclasses.fields(cls)
+    }
+
+
+def unknown_env_variables(env: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """``CAIRN_*`` variables in ``env`` that cairn does not read, sorted, each with the
+    known variable it most probably meant (None when none is close)."""
+    import difflib
+
+    keys = config_env_names()
+    known = set(keys) | set(OTHER_ENV)
+    found = []
+    for name in sorted(env):
+        if not name.startswith("CAIRN_") or name in known or name.startswith(TEST_ENV_PREFIXES):
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
+        found.append((name, close[0] if close else None))
+    return found
+
+
+def unknown_env_warning(env: Mapping[str, str]) -> str | None:
+    """One line naming every unknown ``CAIRN_*`` variable (None when there is none)."""
+    keys = config_env_names()
+    parts = []
+    for name, meant in unknown_env_variables(env):
+        if meant is None:
+            parts.append(name)
+        elif meant in keys:
+            section, key = keys[meant]
+            parts.append(f"{name} (did you mean {meant}, [{section}] {key}?)")
+        else:
+            parts.append(f"{name} (did you mean {meant}?)")
+    if not parts:
+        return None
+    return "ignoring unknown environment variables: " + ", ".join(parts)
 
 
 def _coerce(section: str, key: str, value: Any, hint: Any, base: Path) -> Any:

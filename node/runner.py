@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import signal
 import socket
 import time
@@ -12,7 +13,7 @@ import structlog
 from aiohttp import web
 
 from node.app import ClusterFactory, create_app
-from node.config import Config
+from node.config import Config, unknown_env_warning
 from storage.entries import UNSIGNED, Signer
 
 __all__ = ["StartupError", "serve"]
@@ -64,6 +65,9 @@ async def serve(config: Config, *, faults: object | None = None) -> None:
     """
     from storage.faults import EnvCrashPoints
 
+    unknown_env = unknown_env_warning(os.environ)
+    if unknown_env is not None:  # a mistyped variable must not be silently ignored
+        log.warning("unknown_env_variables", detail=unknown_env)
     signer: Signer = UNSIGNED
     if config.clustered:
         from node.cluster import load_signer

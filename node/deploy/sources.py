@@ -9,8 +9,8 @@ from pathlib import Path
 
 import aiohttp
 
+from node.deploy.pack import pack_directory
 from node.errors import DeployFailed, Forbidden
-from node.pack import pack_directory
 
 __all__ = ["bytes_source", "file_source", "local_package", "url_source"]
 

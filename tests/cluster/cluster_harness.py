@@ -1,6 +1,6 @@
 """N real ``cairn node run`` processes with real mutual TLS on loopback, for cluster tests.
 
-The cluster is laid out by :mod:`node.cluster_config` exactly as ``cairn cluster up``
+The cluster is laid out by :mod:`node.cli.local.layout` exactly as ``cairn cluster up``
 does it (CA, node certificates, per-node configs with ``[[peers]]``), but on free ports
 picked for the test. Each node is a :class:`procs.NodeProcess`, so a test can stop,
 SIGKILL and restart any of them. Every wait has a deadline; nothing sleeps to
@@ -19,7 +19,7 @@ from typing import Any
 
 from procs import ADMIN_PASSWORD, ADMIN_USER, NodeProcess, wait_for
 
-from node.cluster_config import ClusterLayout, NodeLayout, materialize, plan_cluster_ports
+from node.cli.local.layout import ClusterLayout, NodeLayout, materialize, plan_cluster_ports
 
 __all__ = [
     "ADMIN_PASSWORD",

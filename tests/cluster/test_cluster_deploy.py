@@ -23,9 +23,9 @@ from cluster_harness import Cluster, sha256, tree_bytes
 from helpers import component
 from procs import wait_for
 
-from node.cli import cli
-from node.cluster_config import plan_cluster
-from node.local_cluster import ClusterError, LocalCluster, ports_in_use
+from node.cli.local.layout import plan_cluster
+from node.cli.local.processes import ClusterError, LocalCluster, ports_in_use
+from node.cli.root import cli
 
 pytestmark = pytest.mark.cluster
 
@@ -104,7 +104,7 @@ def test_progress_streams_from_a_node_that_is_not_the_origin(shared_cluster: Clu
     import base64
     import urllib.request
 
-    from node.live_deploy import read_sse
+    from node.cli.local.live_deploy import read_sse
 
     c = shared_cluster
     code, body = c.deploy(c["n1"], "sse", component())
@@ -264,7 +264,7 @@ def test_cluster_up_serves_until_signalled_and_reuses_its_directory(
 def test_waiting_for_connections_names_the_node_that_did_not_connect(tmp_path: Path) -> None:
     """n3 runs alone (no peer channel): n1 and n2 never see it connected."""
     layout = plan_cluster(tmp_path, 3, base_port=_free_base(tmp_path, 3))
-    from node.cluster_config import materialize
+    from node.cli.local.layout import materialize
 
     materialize(layout)
     n3 = layout.node("n3")
@@ -284,7 +284,7 @@ def test_waiting_for_connections_names_the_node_that_did_not_connect(tmp_path: P
 
 
 def test_a_node_that_cannot_start_is_named_with_its_own_error(tmp_path: Path) -> None:
-    from node.cluster_config import materialize
+    from node.cli.local.layout import materialize
 
     layout = plan_cluster(tmp_path, 2, base_port=_free_base(tmp_path, 2))
     materialize(layout)

@@ -200,7 +200,9 @@ async def test_the_admin_port_accepts_no_replication_traffic(
                 await session.ws_connect(node.url + path, headers={"Authorization": _AUTH})
             assert err.value.status in (404, 405)
         frames = [
-            encode(Hello(PROTOCOL_VERSION, pki["cluster_id"], "n2", ("changes",), "n2/" + "0" * 32)),
+            encode(
+                Hello(PROTOCOL_VERSION, pki["cluster_id"], "n2", ("changes",), "n2/" + "0" * 32)
+            ),
             _evil_changes(),
             msgpack.packb({"operation": "apply_changes", "changes": []}),
         ]

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from node.cluster_config import DEFAULT_BASE_PORT
+from node.cli.local.layout import DEFAULT_BASE_PORT
 from node.config import Config, parse_config
 
 COMPOSE = Path(__file__).resolve().parents[2] / "cluster-compose.yml"

@@ -27,10 +27,10 @@ from relay import Relay
 
 from node.app import create_app
 from node.appkeys import Services
-from node.client import Client, Upload
-from node.client_stream import StreamEvent
+from node.cli.api.client import Client, Upload
+from node.cli.api.sse import SseComment, SseMessage, SseParser
+from node.cli.api.stream import StreamEvent
 from node.deploy.recorder import Recorder
-from node.sse_parser import SseComment, SseMessage, SseParser
 from storage.listing import DeploymentFilter
 from storage.store import Store
 

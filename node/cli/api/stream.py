@@ -1,4 +1,4 @@
-"""Deployment event streams as :class:`node.client.Client` reads them, without HTTP.
+"""Deployment event streams as :class:`node.cli.api.client.Client` reads them, without HTTP.
 
 :class:`StreamEvent` is one decoded message. :func:`follow_events` tails a deployment
 and resumes with ``Last-Event-ID`` after a dropped connection; :func:`deploy_events`
@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from node.client_errors import ConnectError, StreamError
-from node.sse_parser import SseComment, SseMessage
+from node.cli.api.errors import ConnectError, StreamError
+from node.cli.api.sse import SseComment, SseMessage
 
 __all__ = [
     "DeployFollow",

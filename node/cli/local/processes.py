@@ -24,7 +24,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from node.cluster_config import ADMIN_USER, ClusterLayout, NodeLayout
+from node.cli.api.errors import ConnectError, describe_os_error
+from node.cli.local.layout import ADMIN_USER, ClusterLayout, NodeLayout
 
 __all__ = [
     "ClusterError",
@@ -93,7 +94,7 @@ def admin_op(
         ``(http_status, parsed_body)``.
 
     Raises:
-        OSError: the node cannot be reached (``urllib.error.URLError`` is one).
+        ConnectError: the node cannot be reached, or did not answer in time (in words).
     """
     body = json.dumps({"operation": operation, **fields}).encode()
     req = urllib.request.Request(url.rstrip("/") + "/", data=body, method="POST")
@@ -109,6 +110,10 @@ def admin_op(
             return e.code, json.loads(raw or b"null")
         except ValueError:
             return e.code, {"error": raw.decode(errors="replace")}
+    except (urllib.error.URLError, OSError) as e:
+        raise ConnectError(f"cannot reach {url}: {describe_os_error(e)}") from e
+    except ValueError as e:
+        raise ConnectError(f"{url} answered something that is not JSON") from e
 
 
 def not_connected(status: Mapping[str, Any], expected: set[str]) -> dict[str, str]:
@@ -228,8 +233,8 @@ class LocalCluster:
                 expected = {p.name for p in self.layout.peers_of(n.name)}
                 try:
                     code, body = self.op(n, "cluster_status", timeout_s=5.0)
-                except OSError as e:
-                    problems[n.name] = {"*": f"cluster_status failed: {e}"}
+                except ConnectError as e:
+                    problems[n.name] = {"*": str(e)}
                     continue
                 if code != 200 or not isinstance(body, dict):
                     problems[n.name] = {"*": f"cluster_status answered {code}: {body}"}

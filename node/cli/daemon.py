@@ -1,8 +1,4 @@
-"""The ``cairn`` command line (also ``python -m node``).
-
-``cairn node run`` runs a node; the client commands (deploy, deployments, users) live in
-:mod:`node.client_cli`, the cluster and certificate commands in :mod:`node.cluster_cli`.
-"""
+"""``cairn node run``: run one node in the foreground (the server side's entry point)."""
 
 from __future__ import annotations
 
@@ -15,16 +11,10 @@ import click
 from node.config import ConfigError, load_config
 from node.logs import configure_logging
 
-__all__ = ["main"]
+__all__ = ["node"]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="cairn")
-def cli() -> None:
-    """cairn: deploy components to a cluster and keep a record of every deploy."""
-
-
-@cli.group()
+@click.group()
 def node() -> None:
     """Run a node."""
 
@@ -37,7 +27,13 @@ def node() -> None:
     type=click.Path(path_type=Path),
     help="TOML config file",
 )
-def node_run(config_path: Path) -> None:
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="log JSON lines even on a terminal (the default off one)",
+)
+def node_run(config_path: Path, as_json: bool) -> None:
     """Run one node in the foreground until SIGTERM or Ctrl-C."""
     from node.runner import StartupError, serve
 
@@ -53,31 +49,10 @@ def node_run(config_path: Path) -> None:
                 )
             except CertificateError as e:
                 raise StartupError(str(e)) from None
-        configure_logging(config.log_level)
+        configure_logging(config.log_level, json=True if as_json else None)
         asyncio.run(serve(config))
     except (ConfigError, StartupError) as e:
         click.echo(f"cairn: {e}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:  # pragma: no cover - signal handlers normally catch it
         sys.exit(130)
-
-
-def _register_optional() -> None:
-    """Attach the command families that live in their own modules, when present."""
-    import importlib
-
-    for module in ("node.client_cli", "node.cluster_cli"):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue
-        mod.register(cli)
-
-
-_register_optional()
-
-
-def main() -> None:
-    cli(prog_name="cairn")

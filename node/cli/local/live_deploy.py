@@ -3,7 +3,7 @@
 Packs a component directory (or takes a ``.tar.gz``), sends it as a multipart
 ``deploy_component`` with ``Accept: text/event-stream``, and renders each event as one
 line as it arrives (rendered like ``cairn deploy`` does, by
-:func:`node.client_render.render_event`), including a ``peer`` line per node and step.
+:func:`node.cli.render.render_event`), including a ``peer`` line per node and step.
 Synchronous on purpose: the cluster commands are plain foreground programs.
 """
 
@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from node.client_render import render_event
-from node.pack import pack_directory
+from node.cli.api.errors import ConnectError, describe_os_error
+from node.cli.render import render_event
+from node.deploy.pack import pack_directory
 
 __all__ = ["DeployOutcome", "deploy_with_progress", "payload_bytes", "read_sse"]
 
@@ -111,7 +112,8 @@ def deploy_with_progress(
         The outcome; ``ok`` only when the stream ended with ``done``.
 
     Raises:
-        OSError: the node cannot be reached or the source cannot be read.
+        ConnectError: the node cannot be reached, or the stream broke off (in words).
+        OSError: the source cannot be read.
     """
     form = {"operation": "deploy_component", "project": project, **(fields or {})}
     body, ctype = _multipart(form, payload_bytes(source))
@@ -130,6 +132,19 @@ def deploy_with_progress(
         except ValueError:
             outcome.result = {"error": raw.decode(errors="replace"), "code": str(e.code)}
         return outcome
+    except (urllib.error.URLError, OSError) as e:
+        raise ConnectError(f"cannot reach {url}: {describe_os_error(e)}") from e
+    try:
+        _follow(resp, outcome, echo)
+    except OSError as e:
+        raise ConnectError(f"the progress stream broke off: {describe_os_error(e)}") from e
+    if not outcome.ok and not outcome.result:
+        outcome.result = {"error": "the progress stream ended before the deploy finished"}
+    return outcome
+
+
+def _follow(resp: Any, outcome: DeployOutcome, echo: Callable[[str], None]) -> None:
+    """Read the deploy's event stream into ``outcome``, echoing each event's line."""
     with resp:
         for event, data in read_sse(resp):
             outcome.events.append((event, data))
@@ -145,6 +160,3 @@ def deploy_with_progress(
             line = render_event(event, data)
             if line is not None:
                 echo(line)
-    if not outcome.ok and not outcome.result:
-        outcome.result = {"error": "the progress stream ended before the deploy finished"}
-    return outcome

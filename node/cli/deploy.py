@@ -1,6 +1,7 @@
-"""``cairn deploy``, ``cairn deployments tail`` and ``cairn deployments rollback``.
+"""``cairn deploy`` and ``cairn deployments tail``, and the rendering of a deploy's events
+that they share with ``cairn deployments rollback`` (:mod:`node.cli.rollback`).
 
-All three render a deploy's live events as lines (:func:`node.client_render.render_event`)
+All three render a deploy's live events as lines (:func:`node.cli.render.render_event`)
 and end with the deploy's outcome: 0 success, 1 failed. ``deploy`` packs a directory into
 a temporary tar.gz first (so the upload's total is known), then streams it as multipart
 with ``Accept: text/event-stream``: the upload goes in and the events come out on the same
@@ -18,16 +19,24 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import click
 
-from node.client_cli import Conn, connection_options, human_stream, print_json, run
-from node.client_render import ProgressBar, format_size, render_event, summary_line
+from node.cli.common import (
+    EXIT_FAILED,
+    Conn,
+    connection_options,
+    human_stream,
+    print_json,
+    run,
+)
+from node.cli.ids import resolve_deployment_id
+from node.cli.render import ProgressBar, format_size, render_event, summary_line
 
 if TYPE_CHECKING:  # the client imports aiohttp: loaded when a command runs, not at start
-    from node.client_stream import StreamEvent
+    from node.cli.api.stream import StreamEvent
 
-__all__ = ["deploy", "rollback", "tail"]
+__all__ = ["Renderer", "deploy", "deploy_fields", "deploy_options", "tail", "watch_deploy"]
 
 
-class _Renderer:
+class Renderer:
     """Prints a deploy's events as lines, above the upload bar while it is shown.
 
     Without a terminal the upload is one ``Uploaded <size>`` line, printed once the
@@ -80,13 +89,13 @@ class _Renderer:
             self.bar.abandon()
 
 
-async def _watch(events: Any, render: _Renderer, as_json: bool, *, record: bool) -> int:
+async def watch_deploy(events: Any, render: Renderer, as_json: bool, *, record: bool) -> int:
     """Render a stream of deploy events to its end; returns the exit code.
 
     Args:
         record: the ``done`` result is a deployment record (``tail``), not a deploy answer.
     """
-    from node.client_stream import deploy_result_from_record
+    from node.cli.api.stream import deploy_result_from_record
 
     async for ev in events:
         if not ev.terminal:
@@ -113,10 +122,10 @@ async def _watch(events: Any, render: _Renderer, as_json: bool, *, record: bool)
         click.echo(f"cairn: deploy failed: {text}" + (f" ({'; '.join(where)})" if where else ""),
                    err=True)  # fmt: skip
         return 1
-    return 2  # the client only ends a stream with done or error
+    return EXIT_FAILED  # the client only ends a stream with done or error
 
 
-def _deploy_fields(
+def deploy_fields(
     project: str, restart: str | None, no_replicate: bool, timeout_ms: int | None,
     ignore_replication_errors: bool,
 ) -> dict[str, Any]:  # fmt: skip
@@ -132,7 +141,7 @@ def _deploy_fields(
     return fields
 
 
-def _deploy_options(command: Callable[..., None]) -> Callable[..., None]:
+def deploy_options(command: Callable[..., None]) -> Callable[..., None]:
     options = [
         click.option("--json", "as_json", is_flag=True,
                      help="print the final result as JSON on stdout (events go to stderr)"),
@@ -152,7 +161,7 @@ def _deploy_options(command: Callable[..., None]) -> Callable[..., None]:
 @click.command("deploy")
 @click.argument("source", default=".", type=click.Path(exists=True, path_type=Path))
 @click.option("--project", "-p", help="component name [default: the directory's name]")
-@_deploy_options
+@deploy_options
 @connection_options
 def deploy(conn: Conn, source: Path, project: str | None, as_json: bool, **opts: Any) -> None:
     """Deploy SOURCE (a directory, packed as tar.gz, or a .tar.gz file).
@@ -160,15 +169,24 @@ def deploy(conn: Conn, source: Path, project: str | None, as_json: bool, **opts:
     Streams the upload and the deploy's live events; exits 0 on success, 1 when the
     deploy failed, 2 on usage and connection errors.
     """
-    from node.client import Upload
-    from node.pack import pack_directory
+    from node.cli.api.client import Upload
+    from node.deploy.pack import pack_directory
+    from storage.rules import RuleError, check_project
 
     if project is None:
         if not source.is_dir():
             raise click.UsageError("--project is required when deploying a file")
         project = source.resolve().name
-    fields = _deploy_fields(project, **opts)
-    render = _Renderer(human_stream(as_json))
+    try:
+        check_project(project)
+    except RuleError:
+        raise click.BadParameter(
+            f"{project!r} is not a valid component name (letters, digits, '.', '_', '-'; "
+            "starting with a letter or digit)",
+            param_hint="'--project'",
+        ) from None
+    fields = deploy_fields(project, **opts)
+    render = Renderer(human_stream(as_json))
     packing = source.is_dir()
 
     async def main() -> int:
@@ -185,46 +203,29 @@ def deploy(conn: Conn, source: Path, project: str | None, as_json: bool, **opts:
             try:
                 async with conn.client() as client:
                     events = client.deploy(fields, upload=upload)
-                    return await _watch(events, render, as_json, record=False)
+                    return await watch_deploy(events, render, as_json, record=False)
             finally:
                 render.close()
 
-    run(main)
-
-
-@click.command("rollback")
-@click.argument("deployment_id")
-@_deploy_options
-@connection_options
-def rollback(conn: Conn, deployment_id: str, as_json: bool, **opts: Any) -> None:
-    """Deploy again exactly what DEPLOYMENT_ID deployed (its stored payload)."""
-    render = _Renderer(human_stream(as_json))
-
-    async def main() -> int:
-        async with conn.client() as client:
-            source = await client.op("get_deployment", deployment_id=deployment_id)
-            fields = _deploy_fields(source["project"], **opts)
-            fields["rollback_from"] = deployment_id
-            return await _watch(client.deploy(fields), render, as_json, record=False)
-
-    run(main)
+    run(main, as_json=as_json)
 
 
 @click.command("tail")
-@click.argument("deployment_id")
+@click.argument("deployment_id", metavar="ID")
 @click.option("--after", type=click.IntRange(min=0), help="start after this event seq")
 @click.option("--json", "as_json", is_flag=True, help="print the final record as JSON")
 @connection_options
 def tail(conn: Conn, deployment_id: str, after: int | None, as_json: bool) -> None:
-    """Follow a deployment's events until it ends (resuming after dropped connections).
+    """Follow deployment ID (or a unique prefix of it) until it ends.
 
-    Exits 0 when the deploy succeeded and 1 when it failed.
+    Resumes after dropped connections. Exits 0 when the deploy succeeded and 1 when it failed.
     """
-    render = _Renderer(human_stream(as_json))
+    render = Renderer(human_stream(as_json))
 
     async def main() -> int:
         async with conn.client() as client:
-            events = client.follow(deployment_id, after=after)
-            return await _watch(events, render, as_json, record=True)
+            did = await resolve_deployment_id(client, deployment_id)
+            events = client.follow(did, after=after)
+            return await watch_deploy(events, render, as_json, record=True)
 
-    run(main)
+    run(main, as_json=as_json)

@@ -1,20 +1,43 @@
-"""``cairn cluster status``: where to ask, and a readable table of the answer.
+"""``cairn cluster status``: where to ask, a readable table of each answer, the command.
 
-Pure formatting of a ``cluster_status`` answer (SPEC section 4): ``{node, cluster_id,
-peers: [{name, url, state, last_seen, lag_changes, lag_bytes, transfers, last_error}]}``.
-Fields a node does not send are shown as ``-``.
+Formatting of a ``cluster_status`` answer (SPEC section 4) is pure: ``{node,
+cluster_id, peers: [{name, url, state, last_seen, lag_changes, lag_bytes, transfers,
+last_error}]}``, plus any ``warnings`` a node sends (a certificate about to expire, a
+node that cannot converge). Fields a node does not send are shown as ``-``.
+
+The command asks every target at once. Exit codes: 0 every node answered; 1 some node
+could not be asked or answered an error (the others are still shown); 2 credentials
+were refused, or the options are unusable.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from node.cluster_config import CONFIG_NAME, PASSWORD_FILE
+import click
+
+from node.cli.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    CommandError,
+    Conn,
+    ask_password,
+    check_target,
+    fail,
+    json_option,
+    print_json,
+    run,
+)
+from node.cli.local.layout import ADMIN_USER, CONFIG_NAME, PASSWORD_FILE
 from node.config import ConfigError, load_config
 
-__all__ = ["format_age", "format_bytes", "render_status", "status_targets"]
+__all__ = ["cluster_status", "format_age", "format_bytes", "render_status", "status_targets"]
 
 DEFAULT_TARGET = "http://127.0.0.1:9925"
 _COLUMNS = ("PEER", "STATE", "LAST SEEN", "LAG", "TRANSFERS", "LAST ERROR")
@@ -79,6 +102,9 @@ def render_status(url: str, status: Mapping[str, Any], *, now_ms: int) -> str:
     sent, received = status.get("blob_bytes_sent"), status.get("blob_bytes_received")
     if isinstance(sent, int) and isinstance(received, int):
         head += f"\n  blobs sent {format_bytes(sent)}, received {format_bytes(received)}"
+    for warning in status.get("warnings") or []:
+        text = warning.get("message", warning) if isinstance(warning, Mapping) else warning
+        head += f"\n  warning: {text}"
     peers = [p for p in status.get("peers", []) if isinstance(p, Mapping)]
     if not peers:
         return head + "\n  no peers: this node runs alone\n"
@@ -136,3 +162,77 @@ def _node_order(path: Path) -> tuple[int, str]:
     name = path.parent.name
     digits = name.lstrip("n")
     return (int(digits), name) if name.startswith("n") and digits.isdigit() else (1 << 30, name)
+
+
+async def _ask(conn: Conn) -> dict[str, Any]:
+    async with conn.client() as client:
+        answer = await client.op("cluster_status")
+    return dict(answer)
+
+
+@click.command("status")
+@click.option("--target", "-t", "targets", multiple=True,
+              help="a node's admin URL (repeat) [default: the nodes of --dir, else "
+                   "CAIRN_TARGET, else http://127.0.0.1:9925]")  # fmt: skip
+@click.option("--dir", "root", type=click.Path(path_type=Path),
+              help="a `cairn cluster up` directory: ask each of its nodes")  # fmt: skip
+@click.option("--user", "-u", envvar="CAIRN_USER",
+              help=f"user to sign in as [env CAIRN_USER; {ADMIN_USER} with --dir]")  # fmt: skip
+@click.option("--password", envvar="CAIRN_PASSWORD",
+              help="password [env CAIRN_PASSWORD; with --dir, the one stored there]")  # fmt: skip
+@click.option("--ca", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              envvar="CAIRN_CA", help="CA bundle for https targets [env CAIRN_CA]")  # fmt: skip
+@json_option
+def cluster_status(
+    targets: tuple[str, ...], root: Path | None, user: str | None, password: str | None,
+    ca: Path | None, as_json: bool,
+) -> None:  # fmt: skip
+    """Each node's peers: state, last seen, replication lag, transfers, last error.
+
+    With --json: the answer of a single node, or a list of answers for several.
+    """
+    from node.cli.api.errors import describe_os_error
+
+    try:
+        urls, stored = status_targets(targets, root, os.environ)
+    except OSError as e:
+        fail(f"cannot read {root}: {describe_os_error(e)}", EXIT_USAGE)
+    except ValueError as e:
+        fail(str(e), EXIT_USAGE)
+    for url in urls:
+        check_target(url)
+    if user is None and root is not None:
+        user = ADMIN_USER
+    password = ask_password(user, password or stored)
+
+    async def main() -> int:
+        from node.cli.api.errors import ApiError, AuthError, ClientError
+
+        asked = await asyncio.gather(
+            *(_ask(Conn(url, user, password, ca)) for url in urls), return_exceptions=True
+        )
+        now_ms = int(datetime.now(UTC).timestamp() * 1000)
+        for got in asked:
+            if isinstance(got, AuthError):
+                raise got  # the same credentials go to every node: say it once
+        answers, code = [], EXIT_OK
+        for url, got in zip(urls, asked, strict=True):
+            if isinstance(got, ApiError):
+                click.echo(f"cairn: {url} answered {got.status}: {got.describe()}", err=True)
+                code = EXIT_FAILED
+            elif isinstance(got, ClientError):
+                click.echo(f"cairn: {got}", err=True)
+                code = EXIT_FAILED
+            elif isinstance(got, BaseException):
+                raise got
+            else:
+                answers.append(got)
+                if not as_json:
+                    click.echo(render_status(url, got, now_ms=now_ms))
+        if not answers:
+            raise CommandError("no node answered", code="unreachable")
+        if as_json:
+            print_json(answers[0] if len(urls) == 1 else answers)
+        return code
+
+    run(main, as_json=as_json)

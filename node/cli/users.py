@@ -1,7 +1,9 @@
 """``cairn users ...`` and ``cairn roles ...``: thin clients of the user and role operations.
 
 New passwords come from ``--new-password`` or ``CAIRN_NEW_PASSWORD``, or are prompted for
-(twice, hidden) on a terminal; ``--password`` is always the caller's own.
+(twice, hidden) on a terminal; ``--password`` is always the caller's own. Operations a
+role is allowed are checked against the real operation names before anything is sent
+(:mod:`node.cli.api.operations`): a misspelt one is a usage error naming the closest.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ from typing import Any
 
 import click
 
-from node.client_cli import Conn, connection_options, print_json, run
-from node.client_render import format_table
+from node.cli.api.operations import OPERATIONS, closest_operation, unknown_operations
+from node.cli.common import Conn, connection_options, json_option, print_json, run
+from node.cli.render import format_table
 
 __all__ = ["roles", "users"]
 
@@ -38,7 +41,7 @@ def _call(conn: Conn, operation: str, *, as_json: bool = False, **fields: Any) -
             click.echo(result["message"])
         return 0
 
-    run(main)
+    run(main, as_json=as_json)
 
 
 _new_password_option = click.option(
@@ -53,7 +56,7 @@ def users() -> None:
 
 
 @users.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @connection_options
 def list_users(conn: Conn, as_json: bool) -> None:
     """Users with their role (passwords are never shown)."""
@@ -75,7 +78,7 @@ def list_users(conn: Conn, as_json: bool) -> None:
             click.echo(line)
         return 0
 
-    run(main)
+    run(main, as_json=as_json)
 
 
 @users.command("add")
@@ -83,13 +86,15 @@ def list_users(conn: Conn, as_json: bool) -> None:
 @click.option("--role", required=True, help="the role to give the user")
 @_new_password_option
 @click.option("--inactive", is_flag=True, help="create the user disabled")
+@json_option
 @connection_options
 def add_user(
-    conn: Conn, username: str, role: str, new_password: str | None, inactive: bool
+    conn: Conn, username: str, role: str, new_password: str | None, inactive: bool, as_json: bool
 ) -> None:
     """Add a user."""
     password = _new_password(new_password, required=True)
-    _call(conn, "add_user", username=username, password=password, role=role, active=not inactive)
+    _call(conn, "add_user", as_json=as_json, username=username, password=password, role=role,
+          active=not inactive)  # fmt: skip
 
 
 @users.command("alter")
@@ -97,10 +102,12 @@ def add_user(
 @click.option("--role", help="a new role")
 @_new_password_option
 @click.option("--active/--inactive", default=None, help="enable or disable the user")
+@json_option
 @connection_options
 def alter_user(
-    conn: Conn, username: str, role: str | None, new_password: str | None, active: bool | None
-) -> None:
+    conn: Conn, username: str, role: str | None, new_password: str | None, active: bool | None,
+    as_json: bool,
+) -> None:  # fmt: skip
     """Change a user's role, password or active flag."""
     fields: dict[str, Any] = {"username": username}
     if role is not None:
@@ -111,15 +118,16 @@ def alter_user(
         fields["active"] = active
     if len(fields) == 1:
         raise click.UsageError("nothing to change: give --role, --new-password or --active")
-    _call(conn, "alter_user", **fields)
+    _call(conn, "alter_user", as_json=as_json, **fields)
 
 
 @users.command("drop")
 @click.argument("username")
+@json_option
 @connection_options
-def drop_user(conn: Conn, username: str) -> None:
+def drop_user(conn: Conn, username: str, as_json: bool) -> None:
     """Drop a user."""
-    _call(conn, "drop_user", username=username)
+    _call(conn, "drop_user", as_json=as_json, username=username)
 
 
 @click.group("roles")
@@ -128,7 +136,7 @@ def roles() -> None:
 
 
 @roles.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @connection_options
 def list_roles(conn: Conn, as_json: bool) -> None:
     """Roles and what they may do."""
@@ -151,18 +159,35 @@ def list_roles(conn: Conn, as_json: bool) -> None:
             click.echo(line)
         return 0
 
-    run(main)
+    run(main, as_json=as_json)
 
 
 def _permission(super_user: bool, operations: tuple[str, ...]) -> dict[str, Any]:
+    """The permission document, every operation name checked.
+
+    Raises:
+        click.BadParameter: a name is not an operation (naming the closest real one).
+    """
     ops = sorted({o.strip() for item in operations for o in item.split(",") if o.strip()})
+    unknown = unknown_operations(ops)
+    if unknown:
+        problems = []
+        for name in unknown:
+            guess = closest_operation(name)
+            problems.append(f"{name!r} is not an operation" +
+                            (f" (did you mean {guess!r}?)" if guess else ""))  # fmt: skip
+        raise click.BadParameter(
+            "; ".join(problems) + "; `cairn roles operations` lists them all",
+            param_hint="'--allow'",
+        )
     return {"super_user": super_user, "operations": ops}
 
 
 _role_options = [
     click.option("--super-user", is_flag=True, help="may do everything"),
     click.option("--allow", "operations", multiple=True, metavar="OPERATION",
-                 help="an operation the role may run (repeat, or comma-separate)"),
+                 help="an operation the role may run (repeat, or comma-separate); "
+                      "`cairn roles operations` lists them"),
 ]  # fmt: skip
 
 
@@ -170,25 +195,45 @@ _role_options = [
 @click.argument("role")
 @_role_options[0]
 @_role_options[1]
+@json_option
 @connection_options
-def add_role(conn: Conn, role: str, super_user: bool, operations: tuple[str, ...]) -> None:
+def add_role(
+    conn: Conn, role: str, super_user: bool, operations: tuple[str, ...], as_json: bool
+) -> None:
     """Add a role: ``cairn roles add deployer --allow deploy_component,get_deployment``."""
-    _call(conn, "add_role", role=role, permission=_permission(super_user, operations))
+    permission = _permission(super_user, operations)
+    _call(conn, "add_role", as_json=as_json, role=role, permission=permission)
 
 
 @roles.command("alter")
 @click.argument("role")
 @_role_options[0]
 @_role_options[1]
+@json_option
 @connection_options
-def alter_role(conn: Conn, role: str, super_user: bool, operations: tuple[str, ...]) -> None:
+def alter_role(
+    conn: Conn, role: str, super_user: bool, operations: tuple[str, ...], as_json: bool
+) -> None:
     """Replace a role's permission."""
-    _call(conn, "alter_role", role=role, permission=_permission(super_user, operations))
+    permission = _permission(super_user, operations)
+    _call(conn, "alter_role", as_json=as_json, role=role, permission=permission)
 
 
 @roles.command("drop")
 @click.argument("role")
+@json_option
 @connection_options
-def drop_role(conn: Conn, role: str) -> None:
+def drop_role(conn: Conn, role: str, as_json: bool) -> None:
     """Drop a role (no user may still have it)."""
-    _call(conn, "drop_role", role=role)
+    _call(conn, "drop_role", as_json=as_json, role=role)
+
+
+@roles.command("operations")
+@json_option
+def list_operations(as_json: bool) -> None:
+    """The operation names a role may be allowed (no node is asked)."""
+    if as_json:
+        print_json(sorted(OPERATIONS))
+        return
+    for name in sorted(OPERATIONS):
+        click.echo(name)

@@ -3,14 +3,14 @@
 Speaks what SPEC section 4 and 6 define: ``POST /`` with a JSON body and Basic auth, a
 multipart upload (fields first, the ``payload`` file part last, streamed from disk with a
 byte-progress callback), and Server-Sent Events read with
-:class:`~node.sse_parser.SseParser`, a pure parser of the ``id:``/``event:``/``data:``
+:class:`~node.cli.api.sse.SseParser`, a pure parser of the ``id:``/``event:``/``data:``
 framing with no I/O in it.
 :meth:`Client.follow` tails a deployment and resumes with ``Last-Event-ID`` after a
 dropped connection; :meth:`Client.deploy` falls back to it when the deploy's own stream
 breaks off once the deployment id is known (the logic of both is in
-:mod:`node.client_stream`).
+:mod:`node.cli.api.stream`).
 
-aiohttp's exceptions are translated once, here, into the tree of :mod:`node.client_errors`.
+aiohttp's exceptions are translated once, here, into the tree of :mod:`node.cli.api.errors`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import asyncio
 import base64
 import hashlib
 import json
-import os
 import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -28,9 +27,15 @@ from typing import IO, Any
 
 import aiohttp
 
-from node.client_errors import ApiError, AuthError, ConnectError, StreamError
-from node.client_stream import StreamEvent, decode_event, deploy_events, follow_events
-from node.sse_parser import SseComment, SseMessage, SseParser
+from node.cli.api.errors import (
+    ApiError,
+    AuthError,
+    ConnectError,
+    StreamError,
+    describe_os_error,
+)
+from node.cli.api.sse import SseComment, SseMessage, SseParser
+from node.cli.api.stream import StreamEvent, decode_event, deploy_events, follow_events
 
 __all__ = ["Client", "Download", "SseComment", "SseMessage", "SseParser", "Upload"]
 
@@ -170,12 +175,38 @@ class Client:
         try:
             resp = await self.session.post(self.target, data=data, headers=headers, ssl=self._ssl)
         except aiohttp.ClientConnectorError as e:
-            raise ConnectError(f"cannot reach {self.target}: {_reason(e)}") from e
+            raise ConnectError(self._unreachable(e)) from e
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            raise ConnectError(f"request to {self.target} failed: {_reason(e)}") from e
+            raise ConnectError(
+                f"the request to {self.shown} failed: {_reason(e)}; is --target "
+                "(CAIRN_TARGET) the admin port of a cairn node?"
+            ) from e
         if resp.status >= 400:
-            await _raise_for(resp)
+            await _raise_for(resp, str(fields.get("operation") or "") or None)
         return resp
+
+    @property
+    def shown(self) -> str:
+        """The target as the operator typed it (for messages)."""
+        return self.target.rstrip("/")
+
+    def _unreachable(self, e: aiohttp.ClientConnectorError) -> str:
+        """Why the connection failed, and what to check."""
+        where = f"cannot reach {self.shown}"
+        if isinstance(e, aiohttp.ClientConnectorCertificateError):
+            return (
+                f"{where}: its TLS certificate could not be verified "
+                f"({_reason(e.certificate_error)}); pass the cluster CA with --ca (CAIRN_CA)"
+            )
+        if isinstance(e, aiohttp.ClientSSLError):
+            return (
+                f"{where}: {_reason(e.os_error)}; is it an https port, and does "
+                "--target (CAIRN_TARGET) use the right scheme?"
+            )
+        reason = _reason(e)
+        if reason.startswith("cannot resolve"):
+            return f"{where}: {reason}; check --target (CAIRN_TARGET)"
+        return f"{where}: {reason}; is the node running, and is --target (CAIRN_TARGET) right?"
 
     async def op(self, operation: str, **fields: Any) -> Any:
         """Run one operation and return its JSON answer.
@@ -190,7 +221,10 @@ class Client:
             try:
                 return await resp.json(content_type=None)
             except (ValueError, aiohttp.ClientError, TimeoutError) as e:
-                raise ConnectError(f"unreadable answer from {self.target}: {_reason(e)}") from e
+                raise ConnectError(
+                    f"{self.shown} answered something that is not JSON ({_reason(e)}); "
+                    "is --target (CAIRN_TARGET) the admin port of a cairn node?"
+                ) from e
 
     async def stream(
         self,
@@ -240,7 +274,7 @@ class Client:
     ) -> AsyncIterator[StreamEvent]:
         """Tail a deployment until its ``done`` or ``error``, resuming after drops.
 
-        See :func:`node.client_stream.follow_events`: events are seen at most once.
+        See :func:`node.cli.api.stream.follow_events`: events are seen at most once.
 
         Args:
             after: start after this seq (None replays the whole stored log).
@@ -262,7 +296,7 @@ class Client:
         """``deploy_component`` as a stream of events ending in ``done`` or ``error``.
 
         If the stream breaks off once the deployment id is known, the rest is read with
-        :meth:`follow` (see :func:`node.client_stream.deploy_events`).
+        :meth:`follow` (see :func:`node.cli.api.stream.deploy_events`).
 
         Raises:
             ConnectError, AuthError, ApiError: before the deploy was accepted.
@@ -310,17 +344,18 @@ def _form_value(value: Any) -> str:
 
 
 def _reason(e: BaseException) -> str:
+    """Plain words for a foreign exception (never ``[Errno 111] ...``)."""
     if isinstance(e, aiohttp.ClientConnectorError):
-        if e.os_error.errno:  # asyncio words a refused connect as "Connect call failed (...)"
-            return os.strerror(e.os_error.errno)
-        return e.os_error.strerror or str(e.os_error)
-    if isinstance(e, TimeoutError):
-        return "timed out"
-    text = str(e) or type(e).__name__
-    return text.splitlines()[0]
+        # asyncio words a refused connect as "Connect call failed (...)": use the errno.
+        return describe_os_error(e.os_error)
+    if isinstance(e, aiohttp.ServerDisconnectedError):
+        return "the node closed the connection"
+    if isinstance(e, aiohttp.ClientPayloadError):
+        return "the answer was cut short"
+    return describe_os_error(e)
 
 
-async def _raise_for(resp: aiohttp.ClientResponse) -> None:
+async def _raise_for(resp: aiohttp.ClientResponse, operation: str | None) -> None:
     async with resp:
         try:
             body = await resp.json(content_type=None)
@@ -328,4 +363,4 @@ async def _raise_for(resp: aiohttp.ClientResponse) -> None:
             body = None
     if not isinstance(body, dict) or "error" not in body:
         body = {"error": f"HTTP {resp.status} {resp.reason or ''}".strip(), "code": "http_error"}
-    raise (AuthError if resp.status == 401 else ApiError)(resp.status, body)
+    raise (AuthError if resp.status == 401 else ApiError)(resp.status, body, operation=operation)
