@@ -30,7 +30,7 @@ from node.deploy.hooks import HookGroups
 from node.deploy.origin import Origin
 from node.deploy.reconciler import Reconciler
 from node.metrics import Metrics
-from node.operations import cluster, deployments, payloads, users
+from node.operations import cluster, deployments, payloads, session, users
 from node.operations.registry import Registry
 from node.tasks import TaskSet
 from storage.accounts import Accounts
@@ -63,6 +63,7 @@ def registry() -> Registry:
     r = Registry()
     for family in (deployments.registry, payloads.registry, users.registry, cluster.registry):
         r.merge(family)
+    r.merge(session.registry)
     return r
 
 
