@@ -58,14 +58,14 @@ function quarantineCell(value) {
 }
 
 function drawNodes(el, s, peers) {
-  const self = h('dl', { class: 'record', id: 'self' },
+  const self = h('dl', { class: 'record summary', id: 'self' },
     h('dt', {}, 'This node'), h('dd', {}, h('strong', {}, s.node ?? dash)),
     h('dt', {}, 'Cluster id'), h('dd', { class: 'mono' }, s.cluster_id ?? 'none (single node)'),
     s.cert_expires_at !== undefined ? [h('dt', {}, 'Certificate expires'), h('dd', {}, certCell(s.cert_expires_at))] : null,
     s.quarantined !== undefined ? [h('dt', {}, 'Quarantined changes'), h('dd', {}, quarantineCell(s.quarantined))] : null);
   if (!peers.length) { replace(el, self, h('p', { class: 'muted' }, 'No peers: this node runs alone.')); return; }
   const head = ['Node', 'State', 'Last seen', 'Lag', 'Transfers', 'Quarantined', 'Certificate', 'Last error'];
-  replace(el, self, h('div', { class: 'table-wrap' }, h('table', { class: 'peers', id: 'peers' },
+  replace(el, self, h('div', { class: 'table-wrap spaced' }, h('table', { class: 'peers', id: 'peers' },
     h('thead', {}, h('tr', {}, head.map((t) => h('th', {}, t)))),
     h('tbody', {}, peers.map((p) => h('tr', { dataset: { node: p.name ?? '', state: p.state ?? '' } },
       h('td', {}, h('strong', {}, p.name ?? dash), h('div', { class: 'muted mono small' }, p.url ?? '')),

@@ -18,6 +18,7 @@ const STEP_OF = {
 const OFF_PATH = new Set(['failed', 'discarded', 'superseded', 'rolled_back']);
 const MAX_TIMELINE = 2000;
 const MAX_LIVE_LINES = 200;
+const NOT_YET_RETRY_MS = 1000;
 
 export function renderDeployment(view, deploymentId, app) {
   let record = null;
@@ -95,18 +96,29 @@ export function renderDeployment(view, deploymentId, app) {
   async function reload() {
     try {
       const rec = await call('get_deployment', { deployment_id: deploymentId });
-      if (closed) return;
+      if (closed) return null;
       adopt(rec);
       draw();
       return rec;
     } catch (e) {
-      if (!closed) replace(messages, notice('error', errorText(e, deploymentId)));
-      return null;
+      if (!closed) replace(messages, notice(e.status === 404 ? 'info' : 'error', errorText(e, deploymentId)));
+      return e.status === 404 ? undefined : null;
+    }
+  }
+
+  /** The record, waiting while it is unknown here: records replicate, so a deploy
+   *  started on another node a moment ago may not have reached this one yet. */
+  async function first() {
+    for (;;) {
+      const rec = await reload();
+      if (rec !== undefined || closed) return rec;
+      await new Promise((r) => setTimeout(r, NOT_YET_RETRY_MS));
     }
   }
 
   (async () => {
-    const rec = await reload();
+    const rec = await first();
+    if (rec) replace(messages);
     if (!rec || closed || TERMINAL.has(rec.status)) return;
     const after = events.length ? events[events.length - 1].seq : null;
     streamState = 'live';
@@ -137,7 +149,7 @@ export function renderDeployment(view, deploymentId, app) {
 }
 
 function errorText(e, id) {
-  if (e.status === 404) return `No deployment ${id} on this node.`;
+  if (e.status === 404) return `No deployment ${id} on this node (yet): waiting for it to replicate here…`;
   if (e.status === 403) return 'You may not read deployments (get_deployment).';
   return `Cannot load the deployment: ${e.message}`;
 }
@@ -158,7 +170,8 @@ function drawSummary(el, d, streamState) {
     ['Completed', time(d.completed_at)],
     ['Duration', typeof d.started_at === 'number' && typeof end === 'number' ? duration(end - d.started_at) : dash],
     ['Payload', [bytes(d.payload_size), d.payload_hash ? h('span', { class: 'mono muted', title: d.payload_hash }, ` sha256 ${String(d.payload_hash).slice(0, 12)}…`) : null,
-      d.payload_blob_present === false ? h('span', { class: 'tag warn' }, 'payload gone from this node') : null]],
+      d.payload_blob_present === false ? h('span', { class: 'tag warn', id: 'no-payload',
+        title: 'pruned or dropped, or (while a deploy runs) not fetched yet' }, 'payload not on this node') : null]],
     d.package_identifier ? ['Package', d.package_identifier] : null,
     ['Restart', d.restart_mode ?? dash],
     ['Pinned', d.pinned ? 'yes' : 'no'],

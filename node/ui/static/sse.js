@@ -6,7 +6,8 @@
 import { ApiError, failure, request } from './api.js';
 
 export class SSEParser {
-  /** onEvent({id, event, data}) for each dispatched event; onComment(text) for ": ..." */
+  /** onEvent({id, own, event, data}) for each dispatched event (`id` is the last event
+   *  id seen, `own` whether this event carried one); onComment(text) for ": ..." */
   constructor(onEvent, onComment = () => {}) {
     this.onEvent = onEvent;
     this.onComment = onComment;
@@ -36,7 +37,8 @@ export class SSEParser {
     if (line === '') {
       if (this.id !== undefined) this.lastId = this.id;
       if (this.data.length) {
-        this.onEvent({ id: this.lastId, event: this.event || 'message', data: this.data.join('\n') });
+        this.onEvent({ id: this.lastId, own: this.id !== undefined, event: this.event || 'message',
+          data: this.data.join('\n') });
       }
       this.reset();
       return;
@@ -86,10 +88,15 @@ export function followDeployment(deploymentId, after, handlers) {
     const parser = new SSEParser((ev) => {
       let data = null;
       try { data = JSON.parse(ev.data); } catch { data = ev.data; }
-      if (ev.event === 'done') { finished = { done: data && data.result }; return; }
-      if (ev.event === 'error') { finished = { final: new ApiError(200, data) }; return; }
-      if (ev.event === 'reset') { lastId = null; handlers.onReset && handlers.onReset(data); return; }
-      const seq = ev.id === null ? null : Number(ev.id);
+      // The stream's own `done`, `error` and `reset` carry no id; a deploy's events (its
+      // `error` event too) always do.
+      if (!ev.own) {
+        if (ev.event === 'done') finished = { done: data && data.result };
+        else if (ev.event === 'error') finished = { final: new ApiError(200, data) };
+        else if (ev.event === 'reset') { lastId = null; handlers.onReset && handlers.onReset(data); }
+        return;
+      }
+      const seq = Number(ev.id);
       if (seq !== null && Number.isFinite(seq)) lastId = seq;
       delay = 250;
       handlers.onEvent({ seq, event: ev.event, data, t: Date.now() });
@@ -151,8 +158,8 @@ export async function startDeploy(fields) {
     let data = null;
     try { data = JSON.parse(ev.data); } catch { return; }
     if (data && typeof data.deployment_id === 'string') id = id || data.deployment_id;
-    if (ev.event === 'error' && !id) refusal = new ApiError(200, data);
-    if (ev.event === 'done' && data && data.result) id = id || data.result.deployment_id;
+    if (ev.event === 'error' && !ev.own && !id) refusal = new ApiError(200, data);
+    if (ev.event === 'done' && !ev.own && data && data.result) id = id || data.result.deployment_id;
   });
   const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
   try {
