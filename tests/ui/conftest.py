@@ -16,15 +16,15 @@ from typing import Any
 import pytest
 
 _HERE = Path(__file__).resolve().parent
-for extra in (_HERE, _HERE.parent / "cluster"):
+for extra in (_HERE, _HERE.parent / "cluster", _HERE.parent / "node"):
     if str(extra) not in sys.path:
         sys.path.insert(0, str(extra))
 
 from cdp import Browser, Page, find_chromium  # noqa: E402
-from cluster_harness import Cluster  # noqa: E402
+from cluster_harness import Cluster, ClusterNode  # noqa: E402
 from procs import wait_for  # noqa: E402
+from uihelpers import ARTIFACTS, CliDeploy, CliStart  # noqa: E402
 
-ARTIFACTS = _HERE / "artifacts"
 VIEWER = ("viewer", "viewer-password-1")
 VIEWER_OPERATIONS = ["list_deployments", "get_deployment", "cluster_status", "get_components"]
 
@@ -68,9 +68,9 @@ async def page(browser: Browser, request: pytest.FixtureRequest) -> AsyncIterato
         await p.screenshot(ARTIFACTS / f"FAILED-{request.node.name}.png")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ui_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """One started 3-node cluster for a module, with a read-only ``viewer`` user."""
+    """One started 3-node cluster for the UI tests, with a read-only ``viewer`` user."""
     c = Cluster(tmp_path_factory.mktemp("ui"), 3)
     try:
         c.start()
@@ -89,3 +89,17 @@ def ui_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         raise
     yield c
     c.stop()
+
+
+@pytest.fixture
+async def cairn_deploy() -> AsyncIterator[CliStart]:
+    """Starts ``cairn deploy`` processes; any still running at the end is killed."""
+    started: list[CliDeploy] = []
+
+    async def start(node: ClusterNode, source: Path, project: str) -> CliDeploy:
+        started.append(await CliDeploy.start(node, source, project))
+        return started[-1]
+
+    yield start
+    for d in started:
+        await d.stop()

@@ -266,6 +266,7 @@ function nodeColumn(name, r, d, live) {
 
 function stepOfPhase(phase) {
   if (phase === 'activate' || phase === 'restart' || phase === 'ready') return 3;
+  if (phase === 'stage' || phase === 'staged') return 2;
   if (phase === 'fetch' || phase === 'extract' || phase === 'install' || phase === 'check' || phase === 'load') return 1;
   return 0;
 }

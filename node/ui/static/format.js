@@ -43,6 +43,7 @@ export function ago(value, now = Date.now()) {
   const s = Math.round((now - d.getTime()) / 1000);
   if (s < 0) return `in ${duration(-s * 1000)}`;
   if (s < 2) return 'just now';
+  if (s < 60) return `${s} s ago`;
   return `${duration(s * 1000)} ago`;
 }
 
