@@ -23,10 +23,7 @@ for extra in (_HERE, _HERE.parent / "cluster", _HERE.parent / "node"):
 from cdp import Browser, Page, find_chromium  # noqa: E402
 from cluster_harness import Cluster, ClusterNode  # noqa: E402
 from procs import wait_for  # noqa: E402
-from uihelpers import ARTIFACTS, CliDeploy, CliStart  # noqa: E402
-
-VIEWER = ("viewer", "viewer-password-1")
-VIEWER_OPERATIONS = ["list_deployments", "get_deployment", "cluster_status", "get_components"]
+from uihelpers import ARTIFACTS, VIEWER, VIEWER_OPERATIONS, CliDeploy, CliStart  # noqa: E402
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from cdp import Page
 from cluster_harness import ADMIN_PASSWORD, ADMIN_USER, Cluster
-from conftest import VIEWER
 from helpers import component, wait_until
 from uihelpers import (
     NODE_STATUSES,
     SEQS,
+    VIEWER,
     CliStart,
     assert_no_credentials_leak,
     node_statuses,
@@ -67,6 +67,9 @@ async def test_a_cli_deploy_is_followed_live_on_another_node(
     )
     await page.wait("document.querySelector('#summary .badge')?.dataset.status === 'success'")
     assert await cli.finish() == 0, cli.out
+    # The stream ended with its `done` record: the page shows the finished deploy.
+    await page.wait("!document.querySelector('#live')", what="the stream to end")
+    assert "Completed\n—" not in await page.text("#summary")
 
     # Every event once, in order, and the stream came from the node serving the page.
     seqs = await page.eval(SEQS)

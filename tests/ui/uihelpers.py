@@ -17,6 +17,9 @@ from cdp import Page
 from cluster_harness import ADMIN_PASSWORD, ADMIN_USER, ClusterNode
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+#: A user whose role may read everything the view shows and change nothing.
+VIEWER = ("viewer", "viewer-password-1")
+VIEWER_OPERATIONS = ["list_deployments", "get_deployment", "cluster_status", "get_components"]
 
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 NODE_STATUSES = (
