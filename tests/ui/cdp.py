@@ -50,8 +50,8 @@ class CDPError(Exception):
 def find_chromium() -> str | None:
     """The browser to drive: ``$CAIRN_CHROMIUM``, else Chromium or Chrome on ``PATH``."""
     explicit = os.environ.get("CAIRN_CHROMIUM")
-    if explicit:
-        return explicit
+    if explicit:  # authoritative when set: a wrong path means "no browser", not another one
+        return explicit if os.access(explicit, os.X_OK) else None
     for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
         found = shutil.which(name)
         if found:

@@ -39,7 +39,7 @@ def chromium() -> str:
     if found is None:
         pytest.skip(
             "no Chromium to drive: install the distribution's package "
-            "(`apt-get install chromium`, as .ci/run does) or set CAIRN_CHROMIUM"
+            "(`apt-get install chromium`, as .ci/run does) or set CAIRN_CHROMIUM to a browser"
         )
     return found
 
@@ -66,8 +66,10 @@ async def page(browser: Browser, request: pytest.FixtureRequest) -> AsyncIterato
 
 
 @pytest.fixture(scope="session")
-def ui_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """One started 3-node cluster for the UI tests, with a read-only ``viewer`` user."""
+def ui_cluster(chromium: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """One started 3-node cluster for the UI tests, with a read-only ``viewer`` user.
+
+    Every user of it drives a browser: without one, skip before starting three nodes."""
     c = Cluster(tmp_path_factory.mktemp("ui"), 3)
     try:
         c.start()
