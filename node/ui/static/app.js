@@ -78,8 +78,7 @@ function showSignIn(message) {
   renderWho();
   const error = h('div', { class: 'form-error', role: 'alert' });
   if (message) replace(error, message);
-  const user = h('input', { name: 'username', id: 'username', autocomplete: 'username', required: true,
-    autofocus: true });
+  const user = h('input', { name: 'username', id: 'username', autocomplete: 'username', required: true });
   const password = h('input', { name: 'password', id: 'password', type: 'password',
     autocomplete: 'current-password', required: true });
   const submit = h('button', { type: 'submit', class: 'primary' }, 'Sign in');

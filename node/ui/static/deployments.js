@@ -13,7 +13,7 @@ const PAGE_SIZES = [25, 50, 100];
 const FILTERS = ['project', 'status', 'user', 'since', 'until', 'limit'];
 
 // Cursors of the pages before the current one, per filter set, for "Newer".
-const history = new Map();
+const cursorsBefore = new Map();
 
 /** datetime-local value ↔ epoch ms (the browser's time zone). */
 function toLocalInput(ms) {
@@ -51,12 +51,12 @@ export function renderDeployments(view, params, app) {
   for (const k of FILTERS) filters[k] = params.get(k) || '';
   const cursor = params.get('cursor') || null;
   const key = FILTERS.map((k) => filters[k]).join('\u0000');
-  const stack = history.get(key) || [];
-  history.set(key, stack);
+  const stack = cursorsBefore.get(key) || [];
+  cursorsBefore.set(key, stack);
   let closed = false;
 
   const form = filterForm(filters, (next) => {
-    history.delete(FILTERS.map((k) => next[k]).join('\u0000'));
+    cursorsBefore.delete(FILTERS.map((k) => next[k]).join('\u0000'));
     app.go(hashFor(next, null));
   });
   const status = h('div', { class: 'list-status muted' }, 'Loading…');
