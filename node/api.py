@@ -20,6 +20,7 @@ from node.body import read_body
 from node.errors import BadRequest, CairnError, Forbidden
 from node.metrics import CONTENT_TYPE
 from node.operations.registry import Call, Registry
+from node.ui import ui_routes
 from node.validate import Fields
 
 __all__ = ["OPERATIONS", "error_middleware", "routes"]
@@ -90,7 +91,7 @@ async def operations(request: web.Request) -> web.StreamResponse:
     op = app[OPERATIONS].get(name)
     if op is None:
         raise BadRequest(f"unknown operation {name!r}", field="operation", code="unknown_operation")
-    if not principal.may(name):
+    if not (op.any_user or principal.may(name)):
         raise Forbidden(f"user {principal.username} may not run {name}", operation=name)
     if (
         body.payload_bytes is not None or body.payload_stream is not None
@@ -120,9 +121,18 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=text, headers={"Content-Type": CONTENT_TYPE})
 
 
+async def root(request: web.Request) -> web.Response:
+    """Send a browser asking for ``/`` to the web view; anything else gets the 405."""
+    if "text/html" in request.headers.get("Accept", ""):
+        raise web.HTTPFound("/ui/")
+    raise web.HTTPMethodNotAllowed(request.method, ["POST"])
+
+
 def routes() -> list[web.RouteDef]:
     return [
         web.post("/", operations),
+        web.get("/", root),
+        *ui_routes(),
         web.get("/health", health),
         web.get("/metrics", metrics),
     ]

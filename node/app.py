@@ -57,7 +57,7 @@ from node.deploy.reconciler import Reconciler
 from node.deploy.supervisor import Supervisor
 from node.errors import DeployFailed
 from node.metrics import Metrics
-from node.operations import cluster, components, deployments, payloads, users
+from node.operations import cluster, components, deployments, payloads, session, users
 from node.operations.registry import Registry
 from node.startup import align_releases, sweep_storage
 from node.tasks import TaskSet
@@ -111,7 +111,7 @@ def registry() -> Registry:
     r = Registry()
     for family in (
         deployments.registry, payloads.registry, users.registry, cluster.registry,
-        components.registry,
+        components.registry, session.registry,
     ):  # fmt: skip
         r.merge(family)
     return r

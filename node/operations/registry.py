@@ -3,7 +3,8 @@
 A handler is a plain async function from a :class:`Call` (the validated request, the
 caller and the node's services) to a JSON-able dict, or to a ``StreamResponse`` it has
 already prepared (SSE, payload downloads). The permission an operation needs is its own
-name: a role is granted operations by name.
+name: a role is granted operations by name. An operation registered with
+``any_user=True`` (the caller asking about itself) needs no grant.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ class Operation:
     name: str
     handler: Handler
     accepts_payload: bool = False
+    #: Every authenticated caller may run it, whatever its role grants.
+    any_user: bool = False
 
 
 class Registry:
@@ -65,11 +68,13 @@ class Registry:
     def __init__(self) -> None:
         self._ops: dict[str, Operation] = {}
 
-    def add(self, name: str, *, accepts_payload: bool = False) -> Callable[[Handler], Handler]:
+    def add(
+        self, name: str, *, accepts_payload: bool = False, any_user: bool = False
+    ) -> Callable[[Handler], Handler]:
         def register(handler: Handler) -> Handler:
             if name in self._ops:
                 raise ValueError(f"operation {name} registered twice")
-            self._ops[name] = Operation(name, handler, accepts_payload)
+            self._ops[name] = Operation(name, handler, accepts_payload, any_user)
             return handler
 
         return register

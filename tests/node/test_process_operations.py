@@ -61,6 +61,7 @@ def test_every_operation_answers_on_a_real_node(tmp_path: Path) -> None:
         assert freed["freed_bytes"] == len(v1)
         ok("drop_component", project="web")
         assert ok("cluster_status")["node"] == "n1"
+        assert ok("get_session")["username"] == "admin"
         ok("add_node", name="n9", url="wss://127.0.0.1:1")
         ok("remove_node", name="n9")
         ok("add_role", role="reader", permission={"operations": ["list_deployments"]})
