@@ -302,9 +302,15 @@ class PeerQueue:
 
     async def _subscribe(self, channel: Channel, *, credit: int) -> None:
         scope, exclude = self._scope = self.scope_for(self.name)
+        positions = self.store.logs.positions()
+        if self.peer_log_id is not None and self.peer_log_id in positions:
+            # From the writer itself, ask again for what only a relay vouched for.
+            positions[self.peer_log_id] = self.store.logs.sent_position(
+                self.peer_log_id, from_writer=True
+            )
         await channel.send(
             Subscribe(
-                positions=self.store.logs.positions(), scope=scope,
+                positions=positions, scope=scope,
                 exclude=tuple(sorted({*exclude, *self._excluded})), credit=credit,
             )
         )  # fmt: skip

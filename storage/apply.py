@@ -324,8 +324,12 @@ async def _apply_range(
         info = LogInfo(r.log_id, log_writer(r.log_id), 0, 1, 0)
     reached = r.last
     added = 0
+    from_writer = r.log_id == direct_log
+    # The writer itself is asked again from the verified position (what a relay only
+    # claimed is sent once more): apply what lies above it, idempotently.
+    floor = min(head, info.verified) if from_writer else head
     for se in run:
-        if se.oseq <= head:
+        if se.oseq <= floor:
             batch.report.duplicates += 1
             continue
         outcome = await _apply_entry(batch, se, info.writer, verifier, direct_log, r.compacted)
@@ -333,11 +337,14 @@ async def _apply_range(
             reached = se.oseq - 1
             break
         added += len(se.body)
-    if reached > head:
+    verified = not r.compacted or from_writer
+    if reached > head or (verified and reached > info.verified):
         compacted = r.compacted and reached > head
         store.logs.put(
             batch.tx,
-            store.logs.advanced(info, head=reached, added_bytes=added, compacted=compacted),
+            store.logs.advanced(
+                info, head=reached, added_bytes=added, compacted=compacted, verified=verified
+            ),
         )
 
 

@@ -32,8 +32,9 @@ class LogState:
         state = cls(own_log_id, node)
         for r in await db.fetchall("SELECT * FROM logs"):
             state._logs[r["log_id"]] = LogInfo(
-                r["log_id"], r["writer"], int(r["head"]), int(r["held_from"]), int(r["bytes"])
-            )
+                r["log_id"], r["writer"], int(r["head"]), int(r["held_from"]), int(r["bytes"]),
+                int(r["verified"]),
+            )  # fmt: skip
         return state
 
     def get(self, log_id: str, tx: Tx | None = None) -> LogInfo | None:
@@ -68,10 +69,14 @@ class LogState:
             return
         changed: list[LogInfo] = list(tx.logs.values())
         await tx.conn.executemany(
-            "INSERT INTO logs (log_id, writer, head, held_from, bytes, first_seen) "
-            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (log_id) DO UPDATE SET "
-            "head = excluded.head, held_from = excluded.held_from, bytes = excluded.bytes",
-            [(i.log_id, i.writer, i.head, i.held_from, i.bytes, tx.now_ms) for i in changed],
+            "INSERT INTO logs (log_id, writer, head, held_from, bytes, verified, first_seen) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (log_id) DO UPDATE SET "
+            "head = excluded.head, held_from = excluded.held_from, bytes = excluded.bytes, "
+            "verified = excluded.verified",
+            [
+                (i.log_id, i.writer, i.head, i.held_from, i.bytes, i.verified, tx.now_ms)
+                for i in changed
+            ],
         )
 
         def publish() -> None:
@@ -80,9 +85,25 @@ class LogState:
 
         tx.after_commit.append(publish)
 
-    def advanced(self, info: LogInfo, *, head: int, added_bytes: int, compacted: bool) -> LogInfo:
+    def advanced(
+        self, info: LogInfo, *, head: int, added_bytes: int, compacted: bool, verified: bool
+    ) -> LogInfo:
         """``info`` after receiving up to ``head``; a compacted range leaves the local
-        log without the entries below it."""
+        log without the entries below it; a ``verified`` range (every entry present, or
+        the writer's own word) moves the verified position too."""
         held_from = head + 1 if compacted else info.held_from
-        return replace(info, head=max(info.head, head), held_from=held_from,
-                       bytes=info.bytes + added_bytes)  # fmt: skip
+        return replace(
+            info,
+            head=max(info.head, head),
+            held_from=held_from,
+            bytes=info.bytes + added_bytes,
+            verified=max(info.verified, head) if verified else info.verified,
+        )
+
+    def sent_position(self, log_id: str, *, from_writer: bool) -> int:
+        """The position to ask a peer for ``log_id`` from: the verified one when asking
+        the log's own writer (so it fills in what a relay may have left out)."""
+        info = self._logs.get(log_id)
+        if info is None:
+            return 0
+        return min(info.head, info.verified) if from_writer else info.head

@@ -183,6 +183,11 @@ class LogInfo:
     head: int
     held_from: int
     bytes: int
+    #: How far this node holds the log on evidence it can vouch for: entries from the
+    #: writer itself, or every entry of a range. A relay's compacted range moves ``head``
+    #: but not this: what the relay left out cannot be proven, so the writer, when
+    #: reachable, is asked again from here.
+    verified: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -226,7 +226,10 @@ class Store(DeploymentRows, LogReads, AuditLog):
             (self.logs.own, oseq, self.node, tbl, key, version, body, sig, key_id, tx.now_ms),
         )
         self.logs.put(
-            tx, self.logs.advanced(info, head=oseq, added_bytes=len(body), compacted=False)
+            tx,
+            self.logs.advanced(
+                info, head=oseq, added_bytes=len(body), compacted=False, verified=True
+            ),
         )
         tx.logged += 1
         return (self.logs.own, oseq, body, sig, key_id)

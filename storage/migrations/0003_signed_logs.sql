@@ -147,6 +147,7 @@ CREATE TABLE logs (
     head       INTEGER NOT NULL,
     held_from  INTEGER NOT NULL,
     bytes      INTEGER NOT NULL DEFAULT 0,
+    verified   INTEGER NOT NULL DEFAULT 0,
     first_seen INTEGER NOT NULL
 );
 

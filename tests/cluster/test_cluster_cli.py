@@ -498,15 +498,21 @@ def test_components_shows_what_runs_where(deployed: Deployed) -> None:
 
 
 @pytest.mark.cluster
-def test_components_logs_when_the_node_has_the_operation(deployed: Deployed) -> None:
+def test_components_logs_shows_a_running_component(deployed: Deployed, tmp_path: Path) -> None:
     n1 = deployed.cluster["n1"]
-    status, body = n1.op("get_component_logs", project="web", lines=1)
-    if status == 400 and body.get("code") == "unknown_operation":
-        pytest.skip("these nodes have no get_component_logs operation yet")
-    r = cairn(n1, "components", "logs", "web", "--lines", "5", "--json")
+    d = _component(tmp_path, "chatty", "c1")
+    (d / "component.toml").write_text(
+        '[run]\ncommand = "echo started $CAIRN_NODE; exec sleep 600"\n'
+    )
+    r = cairn(n1, "deploy", str(d), "--project", "chatty", "--json")
     assert r.code == 0, r.err
-    assert r.json["project"] == "web" and r.json["node"] == "n1"
+    r = cairn(n1, "components", "logs", "chatty", "--lines", "5", "--json")
+    assert r.code == 0, r.err
+    assert r.json["project"] == "chatty" and r.json["node"] == "n1"
+    assert any(line["line"] == "started n1" for line in r.json["lines"])
     assert len(r.json["lines"]) <= 5
+    r = cairn(n1, "components", "logs", "web", "--json")  # web runs no process
+    assert r.code == 1 and r.json["code"] == "not_found"
 
 
 @pytest.mark.cluster

@@ -306,7 +306,9 @@ async def pull(
         for info in src.logs.all():
             if info.log_id in stopped or (logs is not None and info.log_id not in logs):
                 continue
-            after = dst.logs.head(info.log_id)
+            after = dst.logs.sent_position(
+                info.log_id, from_writer=direct and info.log_id == src.log_id
+            )
             chunk = await src.read_log(
                 info.log_id, after, max_entries=max_entries, max_bytes=max_bytes
             )
@@ -357,8 +359,10 @@ async def inject_raw(store: Store, body: bytes) -> int:
         assert info is not None
         oseq = info.head + 1
         await _insert_entry(tx, store, oseq, body)
-        store.logs.put(tx, store.logs.advanced(info, head=oseq, added_bytes=len(body),
-                                               compacted=False))  # fmt: skip
+        advanced = store.logs.advanced(
+            info, head=oseq, added_bytes=len(body), verified=True, compacted=False
+        )
+        store.logs.put(tx, advanced)
         tx.logged += 1
     return oseq
 

@@ -29,7 +29,9 @@ from storage.trim import TrimPolicy, trim
 
 
 async def logs_table(store):
-    rows = await store.db.fetchall("SELECT log_id, writer, head, held_from, bytes FROM logs")
+    rows = await store.db.fetchall(
+        "SELECT log_id, writer, head, held_from, bytes, verified FROM logs"
+    )
     return sorted((LogInfo(*r) for r in rows), key=lambda i: i.log_id)
 
 
