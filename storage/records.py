@@ -108,6 +108,12 @@ class Deployment:
     def terminal(self) -> bool:
         return self.status in TERMINAL
 
+    @property
+    def order(self) -> tuple[int, str]:
+        """Where this deploy stands among its project's deploys: by the version its row
+        was created at, ties (two nodes, one instant) broken by id. Never a wall clock."""
+        return (self.created_version, self.deployment_id)
+
 
 @dataclass(frozen=True, slots=True)
 class Event:

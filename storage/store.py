@@ -13,6 +13,7 @@ mixes them together.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -282,10 +283,55 @@ class Store(DeploymentRows, LogReads, AuditLog):
                         )
                         await tx.conn.execute(spec.upsert_sql(), spec.to_sql(row, envelope))
                 count += len(rows)
+        count += await self._batch_legacy_events()
         await self._drop_unsigned_entries()
         if count:
             log.info("rows_resigned", node=self.node, rows=count, key_id=self.signer.key_id)
         return count
+
+    async def _batch_legacy_events(self) -> int:
+        """Give events written before schema 3 (by deployments this node originated)
+        the signed batches they never had: one per run of consecutive seqs, so a node
+        that joins later receives them too."""
+        rows = await self.db.fetchall(
+            "SELECT e.deployment_id, e.seq, e.t, e.event, e.data FROM deployment_events e "
+            "JOIN deployments d ON d.deployment_id = e.deployment_id "
+            "WHERE d.origin_node = ? AND NOT EXISTS (SELECT 1 FROM event_batches b "
+            "WHERE b.deployment_id = e.deployment_id) ORDER BY e.deployment_id, e.seq",
+            (self.node,),
+        )
+        runs: list[list[Any]] = []
+        for r in rows:
+            last = runs[-1][-1] if runs else None
+            if (
+                last is None
+                or last["deployment_id"] != r["deployment_id"]
+                or (last["seq"] + 1 != r["seq"])
+            ):
+                runs.append([])
+            runs[-1].append(r)
+        for start in range(0, len(runs), 200):
+            async with self.tx() as tx:
+                for run in runs[start : start + 200]:
+                    await self._put_legacy_batch(tx, run)
+        return len(runs)
+
+    async def _put_legacy_batch(self, tx: Tx, run: list[Any]) -> None:
+        first, last = run[0], run[-1]
+        row = {
+            "deployment_id": first["deployment_id"],
+            "first_seq": int(first["seq"]),
+            "last_seq": int(last["seq"]),
+        }
+        events = [
+            {"seq": int(r["seq"]), "t": int(r["t"]), "event": r["event"],
+             "data": json.loads(r["data"])}
+            for r in run
+        ]  # fmt: skip
+        await self.put_row(
+            tx, EVENT_BATCHES, row, op="append",
+            extra={"origin_node": self.node, "events": events},
+        )  # fmt: skip
 
     async def _drop_unsigned_entries(self) -> None:
         """Serve the part of this node's log written without a key from the rows.

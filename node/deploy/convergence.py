@@ -85,7 +85,7 @@ async def converge(ctx: DeployContext, project: str) -> None:
         return
     if (
         current is not None
-        and current.created_version > desired.created_version
+        and current.order > desired.order
         and current.status not in _GONE
     ):
         return  # serving a newer deploy (still finishing): never move back

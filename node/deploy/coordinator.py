@@ -401,9 +401,11 @@ class Coordinator:
         return d
 
     async def _check_superseded(self, d: Deployment) -> None:
-        newer = await self.ctx.store.deployments(project=d.project, newer_than=d.created_version)
-        for other in newer:
-            if other.status not in _LOST and other.deployment_id != d.deployment_id:
+        later = await self.ctx.store.deployments(
+            project=d.project, newer_than=d.created_version - 1
+        )
+        for other in later:
+            if other.order > d.order and other.status not in _LOST:
                 raise Superseded(other.deployment_id)
 
     async def _activate(self, d: Deployment, sub: Subscription, *, resumed: bool) -> Deployment:
