@@ -18,6 +18,7 @@ from aiohttp import web
 from node.appkeys import AUTH, CONFIG, METRICS, Services
 from node.body import read_body
 from node.errors import BadRequest, CairnError, Forbidden
+from node.health import health, ready
 from node.metrics import CONTENT_TYPE
 from node.operations.registry import Call, Registry
 from node.ui import ui_routes
@@ -109,11 +110,6 @@ async def operations(request: web.Request) -> web.StreamResponse:
     return _json(200, result)
 
 
-async def health(request: web.Request) -> web.Response:
-    config = request.app[CONFIG]
-    return _json(200, {"status": "ok", "node": config.node.name})
-
-
 async def metrics(request: web.Request) -> web.Response:
     services = Services(request.app)
     status = await services.cluster_status() if services.cluster_status else None
@@ -134,5 +130,6 @@ def routes() -> list[web.RouteDef]:
         web.get("/", root),
         *ui_routes(),
         web.get("/health", health),
+        web.get("/ready", ready),
         web.get("/metrics", metrics),
     ]

@@ -260,6 +260,7 @@ async def _deploys(app: web.Application) -> AsyncIterator[None]:
         hooks.on_ready(reconciler)
     background = TaskSet("reconciler")
     background.spawn(reconciler.run(), name="reconciler")
+    background.spawn(app[METRICS].watch_outcomes(app[STORE]), name="deploy-outcomes")
     try:
         yield
     finally:

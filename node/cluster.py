@@ -18,8 +18,10 @@ from aiohttp import web
 
 from node.app import ClusterHooks
 from node.appkeys import BLOBS, CONFIG, STORE
+from node.certwatch import CertWatch
 from node.config import Config, ReplicationConfig
 from node.deploy.reconciler import Reconciler
+from node.tasks import TaskSet
 from replication.channel import TlsTransport
 from replication.codec import DEFAULT_LIMITS
 from replication.errors import CertificateError
@@ -39,12 +41,18 @@ log = structlog.get_logger(__name__)
 class ReplicationHooks(ClusterHooks):
     """The node's view of a running :class:`ReplicationService`."""
 
-    def __init__(self, service: ReplicationService, signer: NodeSigner) -> None:
+    def __init__(self, service: ReplicationService, signer: NodeSigner, certs: CertWatch) -> None:
         self.service = service
         self.view = service
         self.fetcher = service
         self.signer = signer
-        self.status = service.status
+        self.certs = certs
+        self.status = self._status
+
+    async def _status(self) -> dict[str, Any]:
+        status = await self.service.status()
+        status.update(self.certs.status())
+        return status
 
     def on_ready(self, reconciler: Reconciler) -> None:
         """Rescan deployments whenever a peer (re)connects: rows may have moved meanwhile."""
@@ -146,8 +154,17 @@ async def cluster_factory(app: web.Application) -> AsyncIterator[ClusterHooks]:
         ),
         maintain_s=r.maintain_s,
     )  # fmt: skip
+    certs = CertWatch(
+        node=config.node.name, cert=tls.cert, key=tls.key, ca=tls.ca, transport=transport,
+        store=store, keyring=keyring, warn_days=tls.expiry_warning_days,
+        check_s=tls.reload_check_s,
+    )  # fmt: skip
+    certs.load_expiry()
     await service.start()
+    tasks = TaskSet("certificates")
+    tasks.spawn(certs.run(), name="certificate-watch")
     try:
-        yield ReplicationHooks(service, signer)
+        yield ReplicationHooks(service, signer, certs)
     finally:
+        await tasks.close()
         await service.stop()

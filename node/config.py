@@ -80,6 +80,10 @@ class TlsConfig:
     ca: Path
     cert: Path
     key: Path
+    #: Warn (log, metrics, cluster_status) this many days before the certificate ends.
+    expiry_warning_days: float = 14.0
+    #: How often the certificate files are checked for a renewal (picked up live).
+    reload_check_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)

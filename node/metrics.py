@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import platform
+from importlib import metadata
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from storage.blobs import BlobStore
+from storage.records import Deployment
 from storage.store import Store
+from storage.tables import DEPLOYMENTS
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _version() -> str:
+    try:
+        return metadata.version("cairn")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 class Metrics:
@@ -35,6 +46,16 @@ class Metrics:
         )
         self.blob_bytes = Gauge(
             "cairn_payload_bytes", "Bytes of payload blobs stored on this node", registry=r
+        )
+        self.build_info = Gauge(
+            "cairn_build_info", "This node's build", ["version", "python"], registry=r
+        )
+        self.build_info.labels(version=_version(), python=platform.python_version()).set(1)
+        self.deploy_outcomes = Counter(
+            "cairn_deploy_outcomes",
+            "Deploys this node originated that ended, by status and error code",
+            ["status", "code"],
+            registry=r,
         )
         self.received_bytes = Counter(
             "cairn_payload_received_bytes", "Payload bytes received by deploys", registry=r
@@ -62,6 +83,11 @@ class Metrics:
             "Changes parked because their version is too far ahead of this node's clock",
             registry=r,
         )
+        self.cert_expiry = Gauge(
+            "cairn_certificate_expiry_timestamp_seconds",
+            "When this node's cluster certificate expires (epoch seconds)",
+            registry=r,
+        )
         self.changelog_entries = Gauge(
             "cairn_changelog_entries", "Entries held in this node's change log", registry=r
         )
@@ -71,6 +97,18 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+
+    async def watch_outcomes(self, store: Store) -> None:
+        """Count every deploy this node originates as it ends (until cancelled)."""
+        with store.feed.subscribe(
+            lambda n: n.tbl == DEPLOYMENTS.name and not n.remote, maxsize=10_000
+        ) as sub:
+            while True:
+                for notice in await sub.get():
+                    for d in notice.rows:
+                        if isinstance(d, Deployment) and d.terminal and d.origin == store.node:
+                            code = (d.error or {}).get("code") or "none"
+                            self.deploy_outcomes.labels(status=str(d.status), code=code).inc()
 
     async def render(
         self, store: Store, blobs: BlobStore, cluster: dict[str, Any] | None = None
@@ -97,6 +135,8 @@ class Metrics:
             self.refused.labels(peer=name).set(peer.get("refused", 0))
         parked = await store.db.fetchone("SELECT COUNT(*) AS n FROM changelog WHERE state = 1")
         self.parked.set(int(parked["n"]) if parked else 0)
+        if (cluster or {}).get("cert_expires_at"):
+            self.cert_expiry.set((cluster or {})["cert_expires_at"] / 1000)
         log = (cluster or {}).get("changelog") or {}
         if log.get("entries") is not None:
             self.changelog_entries.set(log["entries"])

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import ssl
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Protocol
 
 import aiohttp
@@ -245,6 +246,18 @@ class TlsTransport:
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._accept: Accept | None = None
+
+    def reload(self, cert: Path, key: Path) -> None:
+        """Present a renewed certificate in every TLS session from now on.
+
+        Raises:
+            CertificateError: the pair cannot be loaded (the contexts are unchanged).
+        """
+        for ctx in (self._server_ssl, self._client_ssl):
+            try:
+                ctx.load_cert_chain(certfile=cert, keyfile=key)
+            except (OSError, ValueError) as e:
+                raise CertificateError(f"cannot load certificate {cert} with key {key}: {e}") from e
 
     @property
     def port(self) -> int:
