@@ -74,17 +74,78 @@ def _stop_signals() -> Iterator[None]:
             signal.signal(s, handler)
 
 
-def _example_dir() -> Path:
-    """The bundled example component (``node/examples/hello``) as a directory.
+def _example_dir(name: str = DEMO_PROJECT) -> Path:
+    """A bundled example component (``node/examples/<name>``) as a directory.
 
     Package data is installed as plain files (see ``[tool.setuptools.package-data]``),
     so the example is a real directory in the ``node`` package. (Not ``importlib.resources``:
     a ``node`` directory earlier on ``sys.path`` can shadow the package name there.)
     """
-    path = Path(__file__).resolve().parent.parent / "examples" / DEMO_PROJECT
+    path = Path(__file__).resolve().parent.parent / "examples" / name
     if not (path / "component.toml").is_file():
         _fail(f"the bundled example is missing from {path}; reinstall cairn")
     return path
+
+
+#: The demo's story: (example directory, what it shows, deploy fields, it should succeed).
+_STORY: tuple[tuple[str, str, dict[str, str], bool], ...] = (
+    ("hello", "v1", {}, True),
+    ("hello-v2", "v2 with a rolling restart", {"restart": "rolling"}, True),
+    ("hello-broken", "v3, broken on purpose: its process exits at once", {}, False),
+)
+
+
+def _demo_story(
+    layout: ClusterLayout, nodes: LocalCluster, say: Echo
+) -> tuple[int, dict[str, Any]]:
+    """Deploy v1, then v2 rolling, then a broken v3 that is rolled back; show where each
+    node's service answers and which version it serves."""
+    from node.cli.api.errors import ConnectError
+
+    target = layout.nodes[0]
+    steps = []
+    code = 0
+    for dirname, label, fields, should_succeed in _STORY:
+        say("")
+        say(f"== {label}: deploying {dirname} as {DEMO_PROJECT} through {target.name}")
+        try:
+            outcome = deploy_with_progress(
+                target.admin_url, DEMO_PROJECT, _example_dir(dirname), user=nodes.user,
+                password=nodes.password, echo=say, fields=fields,
+            )  # fmt: skip
+        except ConnectError as e:
+            raise ClusterError(f"deploy of {dirname} failed: {e}") from None
+        result = outcome.result
+        if outcome.ok:
+            say(summary_line(result))
+        else:
+            say(f"{result.get('code')}: {result.get('error')}")
+        if outcome.ok != should_succeed:
+            code = 1
+            say(f"cairn: {label} {'failed' if should_succeed else 'succeeded'} unexpectedly")
+        elif not should_succeed:
+            say("rolled back as expected: every node serves v2 again")
+        steps.append({"label": label, "ok": outcome.ok, "result": result})
+    say("")
+    say("where the service answers:")
+    serving = {}
+    for n in layout.nodes:
+        version = _served_version(n.app_url)
+        serving[n.name] = version
+        say(f"  {n.name}  {n.app_url}/  (serving {version or 'nothing'})")
+    return code, {"ok": code == 0, "steps": steps, "serving": serving}
+
+
+def _served_version(url: str) -> str | None:
+    """What the example's service at ``url`` says it is (None if it does not answer)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/version", timeout=3) as resp:
+            return str(json.loads(resp.read()).get("version"))
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
 
 
 def _run_cluster(
@@ -95,6 +156,7 @@ def _run_cluster(
     exit_after_deploy: bool,
     timeout_s: float,
     as_json: bool,
+    story: bool = False,
 ) -> NoReturn:
     """Lay out, start, wait, show, optionally deploy, then serve until a stop signal.
 
@@ -131,11 +193,13 @@ def _run_cluster(
             nodes.wait_ready(timeout_s, progress=say)
             _show_ready(layout, password, source, say)
             doc = _ready_document(layout, source)
-            if deploy is not None:
+            if story:
+                code, doc["deploy"] = _demo_story(layout, nodes, say)
+            elif deploy is not None:
                 code, doc["deploy"] = _deploy(layout, nodes, deploy, project, say)
             if as_json:
                 click.echo(json.dumps(doc))
-            if deploy is not None and exit_after_deploy:
+            if (deploy is not None or story) and exit_after_deploy:
                 raise _Stop("deploy done")
             code = _watch(nodes) or code
         except ClusterError as e:
@@ -286,18 +350,20 @@ def cluster_up(
 def demo(
     root: Path, base_port: int, exit_after_deploy: bool, timeout_s: float, as_json: bool
 ) -> None:
-    """Run a 3-node cluster and deploy the bundled example component to it, live."""
+    """Run a 3-node cluster and tell the deploy story of the bundled example, live:
+    v1, then v2 with a rolling restart, then a broken v3 that is rolled back by itself."""
     try:
         layout = plan_cluster(root.absolute(), 3, base_port=base_port)
     except ValueError as e:
         _fail(str(e), 2)
     _run_cluster(
         layout,
-        deploy=_example_dir(),
+        deploy=None,
         project=DEMO_PROJECT,
         exit_after_deploy=exit_after_deploy,
         timeout_s=timeout_s,
         as_json=as_json,
+        story=True,
     )
 
 

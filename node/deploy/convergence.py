@@ -28,6 +28,7 @@ __all__ = ["converge", "report_component"]
 log = structlog.get_logger(__name__)
 
 _GONE = (DeploymentStatus.FAILED, DeploymentStatus.ROLLED_BACK)
+_REVOCABLE = (DeploymentStatus.ACTIVATING, DeploymentStatus.RESTARTING)
 #: What a node reports of a component's process.
 _PROCESS_KEYS = ("running", "pid", "restarts", "ready", "last_exit", "deployment_id", "started_at")
 
@@ -71,8 +72,9 @@ async def converge(ctx: DeployContext, project: str) -> None:
     active = (await store.active_releases()).get(project)
     active_id = active["deployment_id"] if active else None
     current = await store.get_deployment(active_id) if active_id else None
+    gone = current is not None and _gone(ctx, current)
     if desired is None:
-        if current is not None and current.status in _GONE:
+        if current is not None and gone:
             await deactivate_here(ctx, project)  # its only deploy was rolled back
             await _mine(ctx, current, NodeStatus.ROLLED_BACK)
             await report_component(ctx, project)
@@ -83,7 +85,7 @@ async def converge(ctx: DeployContext, project: str) -> None:
             await _mine(ctx, desired, NodeStatus.ACTIVE, late=True)
         await report_component(ctx, project)
         return
-    if current is not None and current.order > desired.order and current.status not in _GONE:
+    if current is not None and current.order > desired.order and not gone:
         return  # serving a newer deploy (still finishing): never move back
     log.info("converging", project=project, deployment_id=desired.deployment_id, active=active_id)
     try:
@@ -102,11 +104,19 @@ async def converge(ctx: DeployContext, project: str) -> None:
             reason=f"{desired.deployment_id} did not start here: {e.message} ({e.code})",
         )  # fmt: skip
         return
-    if current is not None and current.status in _GONE:
+    if current is not None and gone:
         await _mine(ctx, current, NodeStatus.ROLLED_BACK)
     await _mine(ctx, desired, NodeStatus.ACTIVE, late=True)
     await report_component(ctx, project)
     await prune_releases(ctx, project)
+
+
+def _gone(ctx: DeployContext, d: Deployment) -> bool:
+    """Whether this node must stop running ``d``: it failed or was rolled back, or its
+    origin revoked this node's permission to run it (a rollback under way)."""
+    if d.status in _GONE:
+        return True
+    return d.status in _REVOCABLE and ctx.node not in d.activate_nodes
 
 
 async def _bring(ctx: DeployContext, d: Deployment) -> None:

@@ -180,6 +180,13 @@ class Coordinator:
         if mine is not None and mine.status is NodeStatus.ACTIVE:
             await self._revert_here(d)
         body = {"message": e.message[:4000], "code": e.code, "phase": "activate", "node": e.node}
+        # Every node the deploy reached switches back before the deploy ends: revoking
+        # their permission to run it (an empty activate_nodes) is what they act on.
+        d, _ = await self.rec.write(
+            {"activate_nodes": []},
+            ("warning", {"message": f"rolling back: {e.node}: {e.message}"[:2000]}),
+        )
+        await self._await_reverted(d, sub)
         final, _ = await self.rec.write(
             {
                 "status": DeploymentStatus.ROLLED_BACK,
@@ -197,6 +204,30 @@ class Coordinator:
         err.status = 422
         err.extra["deployment_id"] = final.deployment_id
         return err
+
+    async def _await_reverted(self, d: Deployment, sub: Subscription) -> None:
+        """Wait (within the deploy's timeout) until every other node that ran ``d`` has
+        switched back; a node that does not answer converges back when it returns."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + d.timeout_ms / 1000
+        while True:
+            results = await self.ctx.store.results(d.deployment_id)
+            await self._forward([Notice(NODE_RESULTS.name, d.deployment_id, tuple(results))])
+            serving = [
+                r.node for r in results
+                if r.node != self.ctx.node
+                and r.status in (NodeStatus.ACTIVE, NodeStatus.ACTIVATING)
+            ]  # fmt: skip
+            remaining_s = deadline - loop.time()
+            if not serving or remaining_s <= 0:
+                if serving:
+                    await self.rec.event(
+                        "warning",
+                        message=f"not yet switched back: {', '.join(serving)}; they do "
+                        "when they answer",
+                    )
+                return
+            await sub.get(timeout_s=min(remaining_s, 1.0))
 
     async def _revert_here(self, d: Deployment) -> None:
         """Put this node back on the project's desired release (the one before ``d``)."""

@@ -199,6 +199,10 @@ class Reconciler:
             NodeStatus.STAGED, NodeStatus.ACTIVATING
         ):  # fmt: skip
             return self._activate(d)
+        if d.status in _ACTIVATING and me not in d.activate_nodes and status in (
+            NodeStatus.ACTIVE, NodeStatus.ACTIVATING
+        ):  # fmt: skip
+            self.converge_soon(d.project)  # revoked: the deploy is being rolled back
         return None
 
     def _origin_lost(self, d: Deployment) -> bool:

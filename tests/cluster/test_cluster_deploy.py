@@ -205,28 +205,35 @@ def program(tmp_path: Path) -> Iterator[Any]:
         p.stop()
 
 
-@pytest.mark.timeout(180)
-def test_demo_deploys_the_example_to_three_nodes_and_exits(tmp_path: Path, program: Any) -> None:
+@pytest.mark.timeout(300)
+def test_demo_tells_the_v1_v2_rolling_v3_rolled_back_story(tmp_path: Path, program: Any) -> None:
     root = tmp_path / "demo"
     base = _free_base(tmp_path, 3)
     demo = program("demo", "--dir", str(root), "--base-port", str(base), "--exit-after-deploy")
-    assert demo.finish(150) == 0, demo.text()
+    assert demo.finish(270) == 0, demo.text()
     out = demo.text()
     assert "cluster ready: 3 nodes, all connected" in out
     assert f"n1  http://127.0.0.1:{base}" in out
-    for name in ("n2", "n3"):
-        for status in ("staged", "active"):
-            assert re.search(rf"^peer\s+{name} {status}\b", out, re.M), (name, status)
-    assert re.search(r"^finished\s+success$", out, re.M)
-    assert "Successfully deployed: hello (3/3 nodes active" in out
+    v1, v2, v3 = out.split("\n== ")[1:4]
+    for part in (v1, v2):
+        for name in ("n2", "n3"):
+            for status in ("staged", "active"):
+                assert re.search(rf"^peer\s+{name} {status}\b", part, re.M), (name, status)
+        assert re.search(r"^finished\s+success$", part, re.M)
+        assert "Successfully deployed: hello (3/3 nodes active" in part
+    assert v2.startswith("v2 with a rolling restart")
+    assert re.search(r"^finished\s+rolled_back$", v3, re.M)
+    assert "rolled back as expected" in v3
+    for i, name in enumerate(("n1", "n2", "n3")):
+        assert f"{name}  http://127.0.0.1:{base + 200 + i}/  (serving 2)" in out
     assert "n1 stopped; n2 stopped; n3 stopped" in out
     releases = set()
     for name in ("n1", "n2", "n3"):
         current = root / name / "data" / "components" / "hello" / "current"
         releases.add(current.resolve().name)
         files = tree_bytes(current)
-        assert b"deployed by cairn" in files["build/index.html"]
-    assert len(releases) == 1
+        assert b"Hello again, version" in files["build/index.html"]
+    assert len(releases) == 1  # every node back on v2
     password = (root / "admin-password").read_text().strip()
     assert f"admin password: {password}" in out
 

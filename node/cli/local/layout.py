@@ -30,6 +30,7 @@ from pathlib import Path
 from node.config import Config, ConfigError, load_config
 
 __all__ = [
+    "APP_PORT_OFFSET",
     "CONFIG_NAME",
     "DEFAULT_BASE_PORT",
     "LOOPBACK",
@@ -49,6 +50,7 @@ __all__ = [
 
 DEFAULT_BASE_PORT = 9925
 PEER_PORT_OFFSET = 100
+APP_PORT_OFFSET = 200
 #: Admin ports ``base .. base+98`` never reach the peer ports ``base+100 ..``.
 MAX_NODES = 99
 LOOPBACK = "127.0.0.1"
@@ -100,6 +102,16 @@ class NodeLayout:
     @property
     def peer_url(self) -> str:
         return f"wss://{self.host}:{self.peer_port}"
+
+    @property
+    def app_port(self) -> int:
+        """The port this node's components serve on (``HELLO_PORT`` in their
+        environment): admin port + 200, so nodes on one machine never collide."""
+        return self.admin_port + APP_PORT_OFFSET
+
+    @property
+    def app_url(self) -> str:
+        return f"http://{self.host}:{self.app_port}"
 
     @property
     def hosts(self) -> tuple[str, ...]:

@@ -154,7 +154,9 @@ def _follow(resp: Any, outcome: DeployOutcome, echo: Callable[[str], None]) -> N
                 result = data.get("result") if isinstance(data, dict) else None
                 outcome.ok, outcome.result = True, result if isinstance(result, dict) else {}
                 break
-            if event == "error":
+            # The stream's own end is an ``error`` carrying the answer (``{error, code}``);
+            # the deploy's ``error`` event ({message, code, phase}) is only a line of it.
+            if event == "error" and not (isinstance(data, dict) and "message" in data):
                 outcome.result = data if isinstance(data, dict) else {"error": str(data)}
                 break
             line = render_event(event, data)

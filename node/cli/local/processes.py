@@ -68,7 +68,7 @@ def ports_in_use(layout: ClusterLayout) -> list[str]:
     """Every admin or peer port of the layout that cannot be bound now, described."""
     busy = []
     for n in layout.nodes:
-        for what, port in (("admin", n.admin_port), ("peer", n.peer_port)):
+        for what, port in (("admin", n.admin_port), ("peer", n.peer_port), ("app", n.app_port)):
             with socket.socket() as s:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
@@ -173,12 +173,14 @@ class LocalCluster:
         n.root.mkdir(parents=True, exist_ok=True)
         with n.log_path.open("ab") as log:
             self._log_offsets[n.name] = log.tell()
+            # Each node's components get a port of their own (the example serves on it).
+            env = {**self._env, "CAIRN_COMPONENTS_ENV": f"HELLO_PORT={n.app_port}"}
             self.procs[n.name] = subprocess.Popen(
                 [sys.executable, "-m", "node", "node", "run", "--config", str(n.config_path)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=self._env,
+                env=env,
                 process_group=0,
                 preexec_fn=_die_with_parent,  # the CLI is single-threaded
             )
