@@ -9,6 +9,7 @@ exiting non-zero.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -108,6 +109,21 @@ class Limits:
 class DeployConfig:
     allowed_package_dirs: tuple[Path, ...] = ()
     package_fetch_timeout_s: float = 300.0
+    # The outbound policy for package URLs (node/deploy/outbound.py): host names or
+    # literal addresses, and CIDR networks, that may be fetched from although they are
+    # not public; and how many redirects a fetch follows.
+    package_allow_hosts: tuple[str, ...] = ()
+    package_allow_networks: tuple[str, ...] = ()
+    package_max_redirects: int = 5
+
+    def __post_init__(self) -> None:
+        for text in self.package_allow_networks:
+            try:
+                ipaddress.ip_network(text.strip(), strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"[deploy] package_allow_networks: {text!r} is not a network (CIDR)"
+                ) from None
 
 
 _REPLICATION = Settings()  # the replication service's defaults are the config's defaults
