@@ -163,7 +163,7 @@ def create_app(
             log.info("orphan_blobs_swept", count=len(orphans), freed_bytes=freed)
         services.store = store
         services.accounts = Accounts(store)
-        services.auth = Authenticator(services.accounts)
+        services.auth = Authenticator(services.accounts, config.auth)
         await _bootstrap(services.accounts, config)
         services.tasks = TaskSet("node")
         solo = SoloCluster(config.node.name)

@@ -87,6 +87,13 @@ class PeerEntry:
 class AuthConfig:
     bootstrap_user: str = "admin"
     bootstrap_password: str | None = None
+    # Basic-auth failure limiting (node/auth.py): failures counted per source address
+    # and per user name in a fixed window; past the limit, 429 with Retry-After until
+    # the window ends. 0 turns a limit off. Each table holds at most this many entries.
+    max_failures_per_source: int = 50
+    max_failures_per_user: int = 10
+    failure_window_s: float = 60.0
+    failure_table_size: int = 10_000
 
 
 @dataclass(frozen=True, slots=True)
