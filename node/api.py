@@ -104,6 +104,7 @@ async def _run(request: web.Request, principal: Principal) -> web.StreamResponse
         request,
         max_body_bytes=config.limits.max_body_bytes,
         idle_s=config.limits.body_idle_timeout_s,
+        min_bytes_per_s=config.limits.min_body_bytes_per_s,
     )
     name = body.operation
     request[OPERATION_NAME] = name

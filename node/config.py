@@ -109,6 +109,9 @@ class Limits:
     max_path_length: int = 4096
     header_timeout_s: float = 30.0
     body_idle_timeout_s: float = 60.0
+    # The total body deadline: body_idle_timeout_s plus one second per this many bytes
+    # received (node/body.py); 0 turns it off.
+    min_body_bytes_per_s: float = 16_384.0
     deployment_timeout_ms: int = 120_000
 
 
