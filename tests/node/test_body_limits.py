@@ -23,6 +23,7 @@ from helpers import ADMIN, Api, component, make_config
 
 from node.app import create_app
 from node.appkeys import SERVICES
+from node.body import _splice_payload
 
 TOKEN = base64.b64encode(f"{ADMIN[0]}:{ADMIN[1]}".encode()).decode()
 
@@ -268,3 +269,36 @@ async def test_lying_content_length_is_a_4xx(tmp_path: Path) -> None:
         assert answer.split(b" ")[1].startswith(b"4"), answer
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"operation": "x", "payload": "QUJD"}',
+        '{"payload" :\n "QUJD", "operation": "x"}',
+        '{"a": {"payload": "QUJD"}, "payload": "REVG"}',  # a nested key comes first
+        '{"a": {"payload": "QUJD"}}',
+        '{"payload": "QUJD", "payload": "REVG"}',  # a duplicate key: the last one wins
+        '{"payload": "QU\\/D"}',  # an escape: parsed the ordinary way
+        '{"note": "say \\"payload\\": \\"x\\"", "payload": "QUJD"}',
+        '["payload", {"payload": "QUJD"}]',
+        '{"payload": "QUJD", "x": NaN}',
+        '{"payload": "QUJD"',
+    ],
+)
+def test_payload_splice_agrees_with_json_loads(text: str) -> None:
+    raw = text.encode()
+    try:
+        expected: Any = json.loads(raw, parse_constant=float)
+        if "NaN" in text:
+            raise ValueError
+    except ValueError:
+        assert _splice_payload(raw) is None  # the ordinary parse reports the error
+        return
+    spliced = _splice_payload(raw)
+    if spliced is None:
+        return  # fell back to the ordinary parse: equal by construction
+    value, payload = spliced
+    assert isinstance(expected, dict)
+    assert bytes(payload.view).decode() == expected.pop("payload")
+    assert value == expected
