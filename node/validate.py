@@ -60,13 +60,6 @@ class Fields:
         assert value is not None
         return value
 
-    def text(self, name: str, *, required: bool = False, max_len: int = 4096) -> str | None:
-        """A string with no NUL or other control characters (as stored and shown)."""
-        value = self.string(name, required=required, max_len=max_len)
-        if value is not None:
-            _rule(rules.check_text, value, name, max_len=max_len)
-        return value
-
     def project(self, name: str = "project", *, required: bool = True) -> str | None:
         value = self._get(name, required)
         if value is _MISSING:
