@@ -38,6 +38,7 @@ import msgpack
 import pybase64
 from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.multipart import BadContentDispositionHeader, BadContentDispositionParam
 
 from node.errors import BadRequest, DeployFailed, ReservedField, TooLarge
 
@@ -348,6 +349,11 @@ async def _iterate(slices: list[bytes]) -> AsyncIterator[bytes]:
         yield slices.pop()
 
 
+# aiohttp *warns* about a malformed Content-Disposition (and then gives the part no
+# name, which is refused below); where warnings are errors, they arrive as exceptions.
+_BAD_DISPOSITION = (BadContentDispositionHeader, BadContentDispositionParam)
+
+
 async def _read_multipart(request: web.Request, deadline: BodyDeadline) -> Body:
     try:
         reader = await request.multipart()
@@ -360,7 +366,7 @@ async def _read_multipart(request: web.Request, deadline: BodyDeadline) -> Body:
             part = await deadline.run(reader.next())
         except TimeoutError:
             raise _timeout(deadline) from None
-        except (ValueError, HttpProcessingError) as e:
+        except (ValueError, HttpProcessingError, *_BAD_DISPOSITION) as e:
             raise BadRequest(f"malformed multipart body: {e}") from None
         if part is None:
             break
@@ -419,7 +425,7 @@ async def _stream_part(
         after = await deadline.run(reader.next())
     except TimeoutError:
         raise OSError(f"payload upload stalled: {deadline.message()}") from None
-    except (ValueError, HttpProcessingError) as e:
+    except (ValueError, HttpProcessingError, *_BAD_DISPOSITION) as e:
         raise OSError(f"payload upload broke off: {e}") from None
     if after is not None:
         name = getattr(after, "name", None) or "(unnamed)"
