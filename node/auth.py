@@ -141,6 +141,12 @@ class FailureLimiter:
         self._table.pop(key, None)
 
 
+def _user_key(username: str) -> str:
+    # No user name is longer than 128 characters, so every longer one shares a bucket:
+    # the table's memory stays bounded by its entry count.
+    return username if len(username) <= 128 else "\0overlong"
+
+
 def _shown(username: str) -> str:
     """A user name as logged: bounded, so a megabyte of header is not a log line."""
     return username if len(username) <= 128 else username[:128] + "..."
@@ -172,7 +178,7 @@ class Authenticator:
     def _check_blocked(self, username: str | None, source: str) -> None:
         waits = [self.by_source.retry_after(source)]
         if username is not None:
-            waits.append(self.by_user.retry_after(username))
+            waits.append(self.by_user.retry_after(_user_key(username)))
         wait = max((w for w in waits if w is not None), default=None)
         if wait is not None:
             seconds = max(1, math.ceil(wait))
@@ -187,7 +193,7 @@ class Authenticator:
     def _failed(self, username: str | None, source: str) -> None:
         self.by_source.failed(source)
         if username is not None:
-            self.by_user.failed(username)
+            self.by_user.failed(_user_key(username))
 
     async def authenticate(self, header: str | None, source: str | None = None) -> Principal:
         """Return the caller for an ``Authorization`` header sent from ``source``.
@@ -226,7 +232,7 @@ class Authenticator:
             if len(self._verified) > 10_000:
                 self._verified.clear()
             self._verified[key] = presented
-        self.by_user.forget(username)
+        self.by_user.forget(_user_key(username))
         role = await self.accounts.get_role(user.role)
         if role is None:
             raise self._refuse(f"user {username} has no valid role", "no_role", username, where)
