@@ -1,9 +1,11 @@
 """The admin API's HTTP surface: ``POST /`` operations, ``/health``, ``/metrics``.
 
-Order of checks on ``POST /``: credentials (401) → body and operation (400/413) →
-permission (403) → the handler. Nothing is written before the permission check passes,
-so a refused call has no side effect. :func:`error_middleware` turns every
-:class:`CairnError` into its JSON body; anything else is a logged 500.
+Order of checks on ``POST /``: failure limiting (429) → credentials (401) → body and
+operation (400/413) → permission (403) → the handler. Every 403 is logged with the
+user, source address and operation (401 and 429 by the authenticator). Nothing is
+written before the permission check passes, so a refused call has no side effect.
+:func:`error_middleware` turns every :class:`CairnError` into its JSON body; anything
+else is a logged 500.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import structlog
 from aiohttp import web
 
 from node.appkeys import AUTH, CONFIG, METRICS, Services
+from node.auth import Principal
 from node.body import read_body
 from node.errors import BadRequest, CairnError, Forbidden
 from node.health import health, ready
@@ -80,12 +83,30 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
 
 async def operations(request: web.Request) -> web.StreamResponse:
     app = request.app
+    source = request.remote or "unknown"
+    principal = await app[AUTH].authenticate(request.headers.get("Authorization"), source)
+    try:
+        return await _run(request, principal)
+    except CairnError as e:
+        if e.status == 403:  # 401 and 429 are logged by the authenticator
+            log.warning(
+                "operation_forbidden",
+                user=principal.username,
+                source=source,
+                operation=request.get(OPERATION_NAME),
+                code=e.code,
+            )
+        raise
+
+
+async def _run(request: web.Request, principal: Principal) -> web.StreamResponse:
+    app = request.app
     config = app[CONFIG]
-    principal = await app[AUTH].authenticate(request.headers.get("Authorization"))
     body = await read_body(
         request,
         max_body_bytes=config.limits.max_body_bytes,
         idle_s=config.limits.body_idle_timeout_s,
+        min_bytes_per_s=config.limits.min_body_bytes_per_s,
     )
     name = body.operation
     request[OPERATION_NAME] = name

@@ -199,7 +199,7 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         app[STORE] = store
         app[BLOBS] = blobs
         app[ACCOUNTS] = Accounts(store)
-        app[AUTH] = Authenticator(app[ACCOUNTS])
+        app[AUTH] = Authenticator(app[ACCOUNTS], config.auth)
         solo = SoloCluster(config.node.name)
         app[DEPLOY] = DeployContext(
             node=config.node.name, store=store, blobs=blobs, components=components,

@@ -9,6 +9,7 @@ exiting non-zero.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -99,6 +100,13 @@ class AuthConfig:
     #: How long a clustered node waits to catch up with a peer before it creates the
     #: bootstrap user (it never creates one the cluster already has).
     bootstrap_wait_s: float = 30.0
+    # Basic-auth failure limiting (node/auth.py): failures counted per source address
+    # and per user name in a fixed window; past the limit, 429 with Retry-After until
+    # the window ends. 0 turns a limit off. Each table holds at most this many entries.
+    max_failures_per_source: int = 50
+    max_failures_per_user: int = 10
+    failure_window_s: float = 60.0
+    failure_table_size: int = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +122,9 @@ class Limits:
     max_path_length: int = 4096
     header_timeout_s: float = 30.0
     body_idle_timeout_s: float = 60.0
+    # The total body deadline: body_idle_timeout_s plus one second per this many bytes
+    # received (node/body.py); 0 turns it off.
+    min_body_bytes_per_s: float = 16_384.0
     deployment_timeout_ms: int = 120_000
 
 
@@ -121,6 +132,21 @@ class Limits:
 class DeployConfig:
     allowed_package_dirs: tuple[Path, ...] = ()
     package_fetch_timeout_s: float = 300.0
+    # The outbound policy for package URLs (node/deploy/outbound.py): host names or
+    # literal addresses, and CIDR networks, that may be fetched from although they are
+    # not public; and how many redirects a fetch follows.
+    package_allow_hosts: tuple[str, ...] = ()
+    package_allow_networks: tuple[str, ...] = ()
+    package_max_redirects: int = 5
+
+    def __post_init__(self) -> None:
+        for text in self.package_allow_networks:
+            try:
+                ipaddress.ip_network(text.strip(), strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"[deploy] package_allow_networks: {text!r} is not a network (CIDR)"
+                ) from None
 
 
 _REPLICATION = Settings()  # the replication service's defaults are the config's defaults

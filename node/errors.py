@@ -13,6 +13,7 @@ Anything else that escapes a handler is a bug and becomes a logged 500.
     ├── Conflict             409
     ├── Gone                 410  payload_gone
     ├── TooLarge             413
+    ├── TooManyRequests      429  too_many_requests (sends Retry-After)
     ├── DeployFailed         status and code of the cause (422 bad_payload, unsafe_payload,
     │                        install_failed, check_failed; 503 replication_failed;
     │                        504 deployment_timeout; 410 payload_gone; interrupted)
@@ -33,6 +34,7 @@ __all__ = [
     "NotFound",
     "ReservedField",
     "TooLarge",
+    "TooManyRequests",
     "Unauthorized",
     "Unavailable",
 ]
@@ -101,6 +103,11 @@ class Gone(CairnError):
 class TooLarge(CairnError):
     status = 413
     code = "too_large"
+
+
+class TooManyRequests(CairnError):
+    status = 429
+    code = "too_many_requests"
 
 
 class Unavailable(CairnError):

@@ -43,9 +43,11 @@ def last_event_id(request: web.Request) -> int | None:
     raw = request.headers.get("Last-Event-ID")
     if raw is None or raw.strip() == "":
         return None
-    if not raw.strip().isdigit():
+    text = raw.strip()
+    # ASCII digits only ("²".isdigit() is true) and within int64, checked before int().
+    if not (text.isascii() and text.isdigit() and len(text) <= 19 and int(text) < 1 << 63):
         raise BadRequest("Last-Event-ID must be an event seq (a non-negative integer)")
-    return int(raw.strip())
+    return int(text)
 
 
 def _dumps(data: Any) -> str:

@@ -3,21 +3,26 @@
 Values from JSON, CBOR and MessagePack keep their types and must match exactly (a
 boolean is not a number). Values from multipart form fields arrive as text, so for
 those the usual spellings are accepted (``true``/``false``, decimal integers).
+
+Names, ids and hashes are checked by :mod:`storage.rules`, the validator replication
+apply uses too, always against the whole string (``"site\n"`` is not a project name).
+A deployment id that is a string but names no record (whatever its shape) is a 404
+naming it, not a 400: only a wrong type is bad input.
 """
 
 from __future__ import annotations
 
 import math
 import re
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from node.errors import BadRequest
+from node.errors import BadRequest, NotFound
+from storage import rules
 
-__all__ = ["PROJECT_RE", "Fields"]
+__all__ = ["PROJECT_RE", "Fields", "not_found_id"]
 
-PROJECT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+PROJECT_RE = rules.PROJECT_RE
 _MISSING = object()
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
@@ -56,23 +61,37 @@ class Fields:
         return value
 
     def project(self, name: str = "project", *, required: bool = True) -> str | None:
-        value = self.string(name, required=required, max_len=128)
-        if value is not None and not PROJECT_RE.match(value):
-            raise BadRequest(
-                f"'{name}' must match {PROJECT_RE.pattern} (letters, digits, '.', '_', '-')",
-                field=name,
-            )
-        return value
+        value = self._get(name, required)
+        if value is _MISSING:
+            return None
+        if not isinstance(value, str):
+            raise BadRequest(f"'{name}' must be a string", field=name)
+        return _rule(rules.check_project, value, name)
+
+    def username(self, name: str = "username") -> str:
+        """A required user name (``storage.rules.USERNAME_RE``, the whole string)."""
+        return _rule(rules.check_username, self.req_str(name, max_len=128), name)
+
+    def role_name(self, name: str = "role") -> str:
+        """A required role name (the same alphabet as user names)."""
+        return _rule(rules.check_role_name, self.req_str(name, max_len=128), name)
 
     def deployment_id(self, name: str = "deployment_id", *, required: bool = True) -> str | None:
-        value = self.string(name, required=required, max_len=64)
-        if value is None:
+        """A deployment id in canonical form (hex digits may be given in upper case).
+
+        Raises:
+            BadRequest: missing (when required) or not a string.
+            NotFound: a string that cannot name any deployment.
+        """
+        value = self._get(name, required)
+        if value is _MISSING:
             return None
-        try:
-            parsed = uuid.UUID(value)
-        except ValueError:
-            raise BadRequest(f"'{name}' must be a deployment id (a UUID)", field=name) from None
-        return str(parsed)
+        if not isinstance(value, str):
+            raise BadRequest(f"'{name}' must be a string", field=name)
+        canonical = value.lower()
+        if not rules.is_deployment_id(canonical):
+            raise not_found_id(value, name)
+        return canonical
 
     def integer(
         self,
@@ -137,3 +156,19 @@ class Fields:
         if value is not None and value not in choices:
             raise BadRequest(f"'{name}' must be one of {', '.join(choices)}", field=name)
         return value
+
+
+def not_found_id(value: str, field: str = "deployment_id") -> NotFound:
+    """The 404 for a deployment id that names no record (the id shown, bounded)."""
+    shown = value if len(value) <= 200 else value[:200] + "..."
+    text = shown if shown.isprintable() else repr(shown)
+    return NotFound(f"deployment {text} not found", field=field, deployment_id=shown)
+
+
+def _rule(check: Any, value: str, name: str, **kwargs: Any) -> str:
+    """Run a ``storage.rules`` check and turn its :class:`RuleError` into a 400."""
+    try:
+        result: str = check(value, name, **kwargs)
+    except rules.RuleError as e:
+        raise BadRequest(e.message, field=e.field) from None
+    return result

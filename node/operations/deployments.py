@@ -6,14 +6,13 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
-from urllib.parse import urlparse
 
 from aiohttp import web
 
 from node.appkeys import METRICS
 from node.deploy.origin import DeployRequest
 from node.deploy.results import peer_results
-from node.deploy.sources import bytes_source, file_source, local_package, url_source
+from node.deploy.sources import bytes_source, package_source
 from node.errors import BadRequest, DeployFailed, NotFound
 from node.operations.registry import Call, Registry
 from node.sse import last_event_id, stream_deployment
@@ -74,21 +73,7 @@ def _payload_source(
     if body.payload_bytes is not None:
         return bytes_source(body.payload_bytes), None
     if package is not None:
-        config = call.config
-        try:
-            parsed = urlparse(package)
-        except ValueError:  # e.g. an unclosed IPv6 bracket
-            raise BadRequest("'package' is not a valid URL or path", field="package") from None
-        scheme = parsed.scheme
-        if scheme in ("http", "https"):
-            return url_source(package, timeout_s=config.deploy.package_fetch_timeout_s), package
-        if scheme not in ("", "file"):
-            raise BadRequest("'package' must be an http(s) URL or a local path", field="package")
-        path_text = parsed.path if scheme == "file" else package
-        path, temporary = local_package(
-            path_text, config.deploy.allowed_package_dirs, config.node.data_dir / "tmp"
-        )
-        return file_source(path, delete=temporary), package
+        return package_source(package, call.config)
     return None, None
 
 

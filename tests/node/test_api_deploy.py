@@ -124,7 +124,9 @@ async def test_input_errors_name_the_field(api: Api) -> None:
     status, body = await api.op("no_such_thing")
     assert status == 400 and body["code"] == "unknown_operation"
     status, body = await api.op("get_deployment", deployment_id="not-a-uuid")
-    assert status == 400 and body["field"] == "deployment_id"
+    assert status == 404 and "not-a-uuid" in body["error"], body  # names no record
+    status, body = await api.op("get_deployment", deployment_id=17)
+    assert status == 400 and body["field"] == "deployment_id"  # a wrong type is bad input
     status, body = await api.op(
         "get_deployment", deployment_id="00000000-0000-4000-8000-000000000000"
     )

@@ -459,13 +459,15 @@ def test_usage_errors_exit_2(node: NodeProcess, tmp_path: Path) -> None:
         (["deploy", str(app_dir(tmp_path)), "--project", "bad name"], {}),
         (["deployments", "list", "--target", "ftp://x"], {}),
         (["deployments", "list", "--since", "yesterday-ish"], {}),
-        (["deployments", "show", "not-a-uuid"], {}),
     ]
     (tmp_path / "f.tar.gz").write_bytes(b"x")
     for args, env in cases:
         r = cairn(node, *args, **env)
         assert r.returncode == 2, (args, r.stdout, r.stderr)
         assert "Traceback" not in r.stderr
+    # An id that names no deployment is the node's 404, not a usage error.
+    r = cairn(node, "deployments", "show", "not-a-uuid")
+    assert r.returncode == 1 and "deployment not-a-uuid not found" in r.stderr, r.stderr
 
 
 # -- every operation has a command; names, errors, --json -----------------------------------

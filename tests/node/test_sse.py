@@ -254,6 +254,8 @@ async def test_errors_before_the_stream_are_plain_json(api: Api) -> None:
     assert resp.status == 404 and resp.content_type == "application/json"
     assert unknown in (await resp.json())["error"]
     resp = await post({"operation": "get_deployment", "deployment_id": "nope"}, **auth)
+    assert resp.status == 404 and (await resp.json())["deployment_id"] == "nope"
+    resp = await post({"operation": "get_deployment", "deployment_id": 7}, **auth)
     assert resp.status == 400 and (await resp.json())["field"] == "deployment_id"
     status, done = await api.deploy("web", component())
     assert status == 200

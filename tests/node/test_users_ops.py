@@ -212,7 +212,9 @@ async def test_audit_log_shows_who_changed_which_row_when_and_where(api: Api) ->
     await api.op("add_user", username="bob", password=PW, role="viewer")
     await api.op("alter_user", auth=ops, username="bob", active=False)
     await api.op("drop_user", auth=ops, username="bob")
-    await api.op("alter_role", auth=ops, role="viewer", permission={"operations": ["x"]})
+    await api.op(
+        "alter_role", auth=ops, role="viewer", permission={"operations": ["list_deployments"]}
+    )
     t1 = int(time.time() * 1000)
 
     status, body = await api.op("read_audit_log", table="hdb_user", key="bob")
