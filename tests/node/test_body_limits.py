@@ -22,14 +22,14 @@ from aiohttp import web
 from helpers import ADMIN, Api, component, make_config
 
 from node.app import create_app
-from node.appkeys import SERVICES
+from node.appkeys import Services
 from node.body import _splice_payload
 
 TOKEN = base64.b64encode(f"{ADMIN[0]}:{ADMIN[1]}".encode()).decode()
 
 
 async def _counts(api: Api) -> tuple[int, int]:
-    services = api.app[SERVICES]
+    services = Services(api.app)
     row = await services.store.db.fetchone("SELECT COUNT(*) AS n FROM deployments")
     return row["n"], services.ctx.blobs.stats()[0]
 
@@ -100,7 +100,7 @@ async def test_a_trickled_payload_part_fails_the_deploy_without_a_blob(tmp_path:
             400,
         )
         assert b"upload_failed" in answer and b"stalled" in answer, answer
-        services = runner.app[SERVICES]
+        services = Services(runner.app)
         (d,) = await services.store.deployments()
         assert d.status == "failed" and d.error is not None
         assert d.error["code"] == "upload_failed"
@@ -159,8 +159,8 @@ async def test_a_part_after_the_payload_fails_the_deploy_before_a_blob(
     assert "after the payload part" in body["error"] and body["field"] == after[0], body
     _, row = await api.op("get_deployment", deployment_id=body["deployment_id"])
     assert row["status"] == "failed" and row["payload_hash"] is None, row
-    assert api.app[SERVICES].ctx.blobs.stats()[0] == 0
-    assert not api.app[SERVICES].ctx.blobs.has(hashlib.sha256(payload).hexdigest())
+    assert Services(api.app).ctx.blobs.stats()[0] == 0
+    assert not Services(api.app).ctx.blobs.has(hashlib.sha256(payload).hexdigest())
 
 
 async def test_multipart_fields_must_be_text_and_given_once(api: Api) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from helpers import ADMIN, Api, basic
 
-from node.appkeys import SERVICES
+from node.appkeys import Services
 
 PASSWORD = "delegation-password-1"
 ADMIN_OPS = ["add_user", "alter_user", "drop_user", "add_role", "alter_role", "drop_role"]
@@ -43,7 +43,7 @@ def _expected(caller: str, target: str) -> bool:
 
 
 async def _state(api: Api) -> dict[str, Any]:
-    db = api.app[SERVICES].store.db
+    db = Services(api.app).store.db
     out: dict[str, Any] = {}
     for table in ("users", "roles", "changelog"):
         out[table] = sorted(tuple(r) for r in await db.fetchall(f"SELECT * FROM {table}"))

@@ -37,7 +37,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from node.app import create_app, registry
-from node.appkeys import SERVICES
+from node.appkeys import Services
 
 EXAMPLES = int(os.environ.get("CAIRN_FUZZ_EXAMPLES", "300"))
 MAX_BODY = 64 * 1024
@@ -237,7 +237,7 @@ def requests(draw: st.DrawFn) -> tuple[str, str, bytes, str]:
 
 
 async def _state(app: web.Application) -> dict[str, Any]:
-    services = app[SERVICES]
+    services = Services(app)
     out: dict[str, Any] = {}
     for table in TABLES:
         rows = await services.store.db.fetchall(f"SELECT * FROM {table}")

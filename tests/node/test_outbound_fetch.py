@@ -21,7 +21,7 @@ from helpers import Api, component, make_config
 from structlog.testing import capture_logs
 
 from node.app import create_app
-from node.appkeys import SERVICES
+from node.appkeys import Services
 from node.deploy.outbound import OutboundPolicy, PolicyConnector, PolicyResolver, Refused
 
 SECRET = "instance-role-credentials-AKIA0000"
@@ -75,7 +75,7 @@ async def _node(aiohttp_client: Any, tmp_path: Path, **deploy: Any) -> Api:
 
 async def _nothing_kept(api: Api, deployment_id: str) -> None:
     """No blob on disk, no hash in the row, and no bytes from get_deployment_payload."""
-    services = api.app[SERVICES]
+    services = Services(api.app)
     assert services.ctx.blobs.stats()[0] == 0
     assert not [p for p in services.ctx.blobs.root.rglob("*") if p.is_file()]
     status, row = await api.op("get_deployment", deployment_id=deployment_id)
@@ -158,12 +158,12 @@ async def test_an_allowlisted_network_is_fetched_and_its_non_archives_are_not_ke
     api = await _node(aiohttp_client, tmp_path, package_allow_networks=["127.0.0.0/8"])
     status, body = await api.op("deploy_component", project="web", package=internal.url("/pkg.tgz"))
     assert status == 200, body
-    before = api.app[SERVICES].ctx.blobs.stats()[0]
+    before = Services(api.app).ctx.blobs.stats()[0]
     status, body = await api.op("deploy_component", project="api", package=internal.url("/meta"))
     assert status == 422 and body["code"] == "bad_payload", body
     assert "is not a gzip or tar archive; nothing was kept" in body["error"]
     assert SECRET not in json.dumps(body)
-    assert api.app[SERVICES].ctx.blobs.stats()[0] == before
+    assert Services(api.app).ctx.blobs.stats()[0] == before
     status, row = await api.op("get_deployment", deployment_id=body["deployment_id"])
     assert row["payload_hash"] is None and row["payload_blob_present"] is False
 
