@@ -38,6 +38,7 @@ from storage.blobs import BlobStore
 from storage.errors import StorageError
 from storage.store import Store
 from storage.tables import MEMBERS
+from storage.tasks import TaskSet
 from storage.trim import TrimPolicy, TrimReport, record_positions, trim
 
 __all__ = ["ReplicationService"]
@@ -97,7 +98,8 @@ class ReplicationService:
         self._serving: set[asyncio.Task[Any]] = set()
         self._sent: dict[str, SendStats] = {}
         self._received: dict[str, PeerStats] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet("replication")
+        self._peer_tasks = TaskSet("replication-peers")
         self._listeners: list[Callable[[str], None]] = []
         self._connect_event = asyncio.Event()
         self._running = False
@@ -141,11 +143,9 @@ class ReplicationService:
         if not self._running:
             return
         self._running = False
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._tasks.close()
         await self._stop_queues()
+        await self._peer_tasks.close()
         await self.fetcher.close()
         await asyncio.gather(
             *(s.channel.close("node stopping") for s in self._inbound.values()),
@@ -157,9 +157,7 @@ class ReplicationService:
         log.info("replication_stopped", node=self.node)
 
     def _spawn(self, coro: Any, *, name: str) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task: asyncio.Task[None] = self._tasks.spawn(coro, name=name)
         return task
 
     def on_connected(self, callback: Callable[[str], None]) -> None:
@@ -346,7 +344,7 @@ class ReplicationService:
             on_change=self._peer_changed, on_certs=self._persist_certs,
             stats=self._received.setdefault(name, PeerStats()),
         )  # fmt: skip
-        task = asyncio.create_task(queue.run(), name=f"peer-{name}")
+        task = self._peer_tasks.spawn(queue.run(), name=f"peer-{name}")
         self._queues[name] = (queue, task)
 
     async def _stop_queue(self, name: str) -> None:
