@@ -291,7 +291,7 @@ class PeerQueue:
         return error, was_up
 
     async def resubscribe(self) -> None:
-        """Renew the subscription if its scope changed (or ``force``d by a gap)."""
+        """Renew the subscription on the live channel if its scope changed."""
         channel = self._channel
         if channel is None:
             return

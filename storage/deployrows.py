@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from storage import events as ev
 from storage.changelog import Tx
@@ -57,10 +57,8 @@ class DeploymentRows:
     node: str
 
     def _store(self) -> Store:
-        from storage.store import Store
-
-        assert isinstance(self, Store)
-        return self
+        # A mixin of Store: its own transaction and row primitives live there.
+        return cast("Store", self)
 
     # -- deployments ------------------------------------------------------------------
 
