@@ -121,8 +121,10 @@ async def deploy_component(call: Call) -> dict[str, Any] | web.StreamResponse:
     origin = call.services.origin
     d, rec = await origin.create(req)
 
+    receiving = source is not None
+
     async def job() -> dict[str, Any]:
-        nonlocal d
+        nonlocal d, receiving
         await origin.check_reachable(d, rec)
         if rollback_source is not None:
             d = await origin.reuse_blob(d, rec, rollback_source)
@@ -130,6 +132,7 @@ async def deploy_component(call: Call) -> dict[str, Any] | web.StreamResponse:
             assert source is not None
             d = await origin.receive(d, rec, source)
             call.app[METRICS].received_bytes.inc(d.payload_size or 0)
+        receiving = False
         final = await origin.launch(d, rec)
         results = await call.services.store.results(final.deployment_id)
         return _success_body(final, peer_results(final, results))
@@ -143,6 +146,13 @@ async def deploy_component(call: Call) -> dict[str, Any] | web.StreamResponse:
             return await asyncio.shield(task)
         except DeployFailed as e:
             await _enrich_failure(call, e, d.deployment_id)
+            raise
+        except asyncio.CancelledError:
+            # The client went away. Once the payload is in, the deploy goes on without
+            # it; an upload still streaming in can no longer complete: end it now
+            # (failed, upload_failed) rather than when the body deadline passes.
+            if receiving:
+                task.cancel()
             raise
 
     if call.wants_sse:
