@@ -465,9 +465,10 @@ def test_usage_errors_exit_2(node: NodeProcess, tmp_path: Path) -> None:
         r = cairn(node, *args, **env)
         assert r.returncode == 2, (args, r.stdout, r.stderr)
         assert "Traceback" not in r.stderr
-    # An id that names no deployment is the node's 404, not a usage error.
+    # Something that cannot be the start of an id is refused before asking (the API
+    # itself answers 404 for any string that names no deployment).
     r = cairn(node, "deployments", "show", "not-a-uuid")
-    assert r.returncode == 1 and "deployment not-a-uuid not found" in r.stderr, r.stderr
+    assert r.returncode == 2 and "is not a deployment id" in r.stderr, r.stderr
 
 
 # -- every operation has a command; names, errors, --json -----------------------------------
@@ -624,10 +625,14 @@ def test_components_logs_on_a_real_node(node: NodeProcess, tmp_path: Path) -> No
     status, body = node.op("get_component_logs", project="web", lines=1)
     if status == 400 and body.get("code") == "unknown_operation":
         pytest.skip("this node has no get_component_logs operation yet")
-    r = cairn(node, "deploy", str(app_dir(tmp_path)), "--project", "logged")
+    d = app_dir(tmp_path)
+    with (d / "component.toml").open("a") as f:
+        f.write('[run]\ncommand = "echo up on $CAIRN_NODE; exec sleep 600"\n')
+    r = cairn(node, "deploy", str(d), "--project", "logged")
     assert r.returncode == 0, r.stderr
     r = cairn(node, "components", "logs", "logged", "--lines", "3", "--json")
     assert r.returncode == 0, r.stderr
     answer = json.loads(r.stdout)
     assert answer["project"] == "logged" and answer["node"] == "n1"
     assert isinstance(answer["lines"], list) and len(answer["lines"]) <= 3
+    assert any(x["line"] == "up on n1" for x in answer["lines"]), answer

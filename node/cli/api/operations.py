@@ -41,6 +41,8 @@ OPERATIONS: frozenset[str] = frozenset(
         "add_node",
         "remove_node",
         "read_audit_log",
+        # the caller
+        "get_session",
     }
 )
 
