@@ -39,6 +39,8 @@ SECTIONS: dict[str, str] = {
     "replication": "The peer protocol's timing and flow control (see "
     "[replication.md](replication.md)).",
     "retention": "Which payloads `prune_deployment_payloads` keeps (records are kept forever).",
+    "components": "Supervised `[run]` processes of deployed components (see "
+    "[components.md](components.md)).",
     "": "Top-level keys.",
 }
 
@@ -87,6 +89,44 @@ MEANINGS: dict[str, str] = {
     "(pinned and active ones are always kept)",
     "retention.failed_grace_s": "how long a failed deploy's payload is kept",
     ".log_level": "`debug`, `info`, `warning` or `error`",
+    "tls.expiry_warning_days": "warn (log, metrics, `cluster_status`) this many days before "
+    "the node certificate ends",
+    "tls.reload_check_s": "how often the certificate files are checked for a renewal "
+    "(picked up without a restart)",
+    "auth.bootstrap_wait_s": "how long a clustered node waits to catch up with a peer before "
+    "it creates the bootstrap user (never one the cluster has or had)",
+    "auth.max_failures_per_source": "failed sign-ins per source address per window before "
+    "429 (0: no limit)",
+    "auth.max_failures_per_user": "failed sign-ins per user name per window before 429 "
+    "(0: no limit)",
+    "auth.failure_window_s": "the window failed sign-ins are counted in",
+    "auth.failure_table_size": "most sources and user names each failure table holds",
+    "limits.min_body_bytes_per_s": "the whole-body deadline: `body_idle_timeout_s` plus one "
+    "second per this many bytes received (0: off)",
+    "deploy.package_allow_hosts": "host names or addresses a `package` URL may reach although "
+    "they are not public",
+    "deploy.package_allow_networks": "CIDR networks a `package` URL may reach although they "
+    "are not public",
+    "deploy.package_max_redirects": "redirects a `package` fetch follows at most",
+    "replication.max_clock_offset_s": "a change whose version is further ahead of this node's "
+    "clock is parked",
+    "replication.log_max_age_s": "longest a change-log entry every member has is kept",
+    "replication.log_max_entries": "most change-log entries kept in all (older ones go first)",
+    "replication.audit_max_entries": "lines of the audit log kept",
+    "replication.maintain_s": "how often the change log is trimmed and parked changes retried",
+    "retention.keep_releases": "release directories kept per project besides the active one "
+    "(fast rollback)",
+    "components.log_max_bytes": "size of a run process's `output.log` before it rotates",
+    "components.log_backups": "rotated output logs kept",
+    "components.stop_grace_s": "SIGTERM to SIGKILL, when `[run] stop_grace_s` is not set",
+    "components.restart_min_s": "first restart delay after an exit (doubles per exit)",
+    "components.restart_max_s": "longest restart delay",
+    "components.restart_reset_s": "up this long, the next exit restarts after `restart_min_s`",
+    "components.settle_s": "without a readiness probe: ready once still running after this",
+    "components.ready_interval_s": "time between readiness probes",
+    "components.ready_try_timeout_s": "time one `ready_url` request may take",
+    "components.env": "`NAME=value` entries added to every run process's environment "
+    "(`CAIRN_*` names are reserved)",
 }
 
 

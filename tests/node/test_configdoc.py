@@ -47,6 +47,13 @@ def _full_config() -> dict[str, Any]:
 
 
 _SAMPLES: dict[str, str] = {"string": "n7", "integer": "7", "number": "7.5", "path": "/x/y"}
+#: Values for the keys whose own validation refuses the samples above.
+_VALUES: dict[str, str] = {
+    "CAIRN_COMPONENTS_LOG_MAX_BYTES": "4096",
+    "CAIRN_DEPLOY_PACKAGE_ALLOW_HOSTS": "pkg.internal,10.1.2.3",
+    "CAIRN_DEPLOY_PACKAGE_ALLOW_NETWORKS": "10.0.0.0/8,fd00::/8",
+    "CAIRN_COMPONENTS_ENV": "PORT=8080,MODE=demo",
+}
 
 
 def test_every_documented_variable_overrides_its_key(tmp_path: Path) -> None:
@@ -55,12 +62,15 @@ def test_every_documented_variable_overrides_its_key(tmp_path: Path) -> None:
         key = keys[(section, name)]
         assert env in key.env
         kind = key.type.removesuffix(" (optional)")
-        raw = "/a,/b" if kind == "list of paths" else _SAMPLES[kind]
+        default = "/a,/b" if kind.startswith("list of") else _SAMPLES[kind]
+        raw = _VALUES.get(env, default)
         config = parse_config(_full_config(), base=tmp_path, env={env: raw})
         value = getattr(getattr(config, section), name)
         expected: Any = {
-            "string": raw, "integer": 7, "number": 7.5, "path": Path(raw),
+            "string": raw, "integer": int(raw) if kind == "integer" else None,
+            "number": 7.5, "path": Path(raw),
             "list of paths": (Path("/a"), Path("/b")),
+            "list of strings": tuple(raw.split(",")),
         }[kind]  # fmt: skip
         assert value == expected, env
     # and nothing the loader reads is missing from the page
