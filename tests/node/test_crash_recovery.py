@@ -82,10 +82,20 @@ class Scene:
         assert "result" not in answer, answer
 
     def restart(self) -> list[dict[str, Any]]:
+        """Start again; a deploy resumed at start finishes in the background, so this
+        waits (bounded) until no row is left running, then returns every row."""
         self.node.start()
-        status, listing = self.node.op("list_deployments", limit=1000, include_event_log=True)
-        assert status == 200
-        return list(listing["deployments"])
+        rows: list[dict[str, Any]] = []
+
+        def settled() -> bool:
+            status, listing = self.node.op("list_deployments", limit=1000, include_event_log=True)
+            assert status == 200
+            rows[:] = listing["deployments"]
+            return not [r for r in rows if r["status"] in NON_TERMINAL]
+
+        with contextlib.suppress(TimeoutError):  # check() then names the running row
+            wait_for(settled, timeout_s=60, interval_s=0.2)
+        return rows
 
     def check(self, rows: list[dict[str, Any]], *, finished: bool) -> dict[str, Any]:
         """The invariants; returns the row of the interrupted deploy."""
