@@ -40,6 +40,7 @@ _DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 _READ_CHUNK = 64 * 1024
 _KILL_GRACE_S = 2.0  # between SIGTERM and SIGKILL, and for pipes to drain
 _POLL_S = 0.05
+_DRAIN_MAX_S = 60.0  # longest a hook's remaining output is read after it exits
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +152,7 @@ class _Pump:
         self.on_line = on_line
         self.tail = tail
         self.muted = False  # set once the hook is being torn down
+        self.emitted = 0  # lines passed on so far (progress, for draining)
 
     async def read(self, stream: str, reader: asyncio.StreamReader | None) -> None:
         assert reader is not None
@@ -165,6 +167,20 @@ class _Pump:
         if not self.muted:
             self.tail.append(stream, line)
             await self.on_line(stream, line)
+            self.emitted += 1
+
+    async def drain(self, readers: Sequence[asyncio.Task[None]]) -> None:
+        """Wait for the readers once the hook's group is gone: as long as they make
+        progress (a hook that exited can leave a pipe full of lines, and each line waits
+        for its event to be stored), at most :data:`_DRAIN_MAX_S` in all; a pipe held open
+        by a process that escaped the group, silent for the grace period, is given up."""
+        deadline = time.monotonic() + _DRAIN_MAX_S
+        while time.monotonic() < deadline:
+            before = self.emitted
+            _, pending = await asyncio.wait(readers, timeout=_KILL_GRACE_S)
+            if not pending or self.emitted == before:
+                break
+        await _join(readers, 0)
 
 
 async def run_hook(
@@ -237,7 +253,8 @@ async def run_hook(
     try:
         timed_out = await _wait_exit(protocol.exited, readers, spec.timeout_s)
         await _stop_group(pgid)
-        await _join([protocol.exited, *readers], _KILL_GRACE_S)
+        await _join([protocol.exited], _KILL_GRACE_S)
+        await pump.drain(readers)
     except BaseException:
         pump.muted = True
         _signal_group(pgid, signal.SIGKILL)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -226,6 +228,41 @@ async def test_thousands_of_lines_arrive_in_order(tmp_path: Path) -> None:
     out = tail.as_dict()
     assert [x["line"] for x in out["lines"]] == [str(i) for i in range(4801, 5001)]
     assert out["dropped_lines"] == 4800
+
+
+async def test_output_left_in_the_pipe_is_read_whole_however_slowly_it_is_stored(
+    tmp_path: Path,
+) -> None:
+    """The hook exits at once (its 3000 lines fit in the pipe) while each line waits for
+    a slow store: every line still arrives, although that takes longer than the grace a
+    silent pipe gets."""
+    seen: list[str] = []
+
+    async def slow(stream: str, line: str) -> None:
+        if len(seen) % 100 == 0:
+            await asyncio.sleep(0.1)  # 30 pauses: 3 s in all
+        seen.append(line)
+
+    result = await run_hook(
+        HookSpec("seq 1 3000", 30), name="install", cwd=tmp_path, env={}, on_line=slow,
+        tail=OutputTail(),
+    )  # fmt: skip
+    assert result.exit_code == 0
+    assert seen == [str(i) for i in range(1, 3001)]
+
+
+async def test_a_pipe_held_by_a_process_that_left_the_group_is_given_up(tmp_path: Path) -> None:
+    pidfile = tmp_path / "escaped.pid"
+    started = time.monotonic()
+    code, _, rec, _ = await _run(
+        f"setsid sh -c 'echo $$ > {pidfile}; exec sleep 30' & echo done; exit 0", tmp_path
+    )
+    try:
+        assert code == 0 and rec.of("stdout") == ["done"]
+        assert time.monotonic() - started < 15  # not the 30 s the escaped sleep holds the pipe
+    finally:
+        with contextlib.suppress(ProcessLookupError, ValueError, FileNotFoundError):
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
 
 
 async def test_long_line_is_cut_to_16_kib(tmp_path: Path) -> None:
