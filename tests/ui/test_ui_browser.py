@@ -10,6 +10,7 @@ cookie or localStorage, and no script error or CSP violation on the way.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -206,7 +207,8 @@ async def test_the_deployments_table_filters_and_pages(
     rows = "[...document.querySelectorAll('#deployments tbody tr')].map(r => r.dataset.id)"
     await page.wait(f"{rows}.length === 4")
     assert await page.eval(rows) == ids[::-1]
-    assert "1 failed" in await page.text("#deployments tbody tr:first-child")
+    # Peers stage as the origin does, so the failing install fails on one node or more.
+    assert re.search(r"0/3 [123] failed", await page.text("#deployments tbody tr:first-child"))
     assert "3/3" in await page.text("#deployments tbody tr:nth-child(2)")
     await shot(page, "deployments")
 
