@@ -50,6 +50,8 @@ _STEP_STATUS = {
 }
 _STAGE_ANSWERS = {NodeStatus.STAGED, NodeStatus.FAILED, NodeStatus.ACTIVE, NodeStatus.ACTIVATING}
 _LOST = {DeploymentStatus.FAILED, DeploymentStatus.ROLLED_BACK}
+#: A node whose result says this still runs (or is switching to) the release.
+_ON_IT = {NodeStatus.ACTIVE, NodeStatus.ACTIVATING}
 #: Hook output lines of one peer's result turned into live events, at most.
 _PEER_LINES = 50
 
@@ -192,11 +194,35 @@ class Coordinator:
         await self.rec.close()
         log.warning("deploy_rolled_back", deployment_id=d.deployment_id, node=e.node,
                     code=e.code, reason=e.message)  # fmt: skip
+        await self._await_reverted(final, sub)
         err = DeployFailed(f"{e.node}: {e.message}", code=e.code, phase="activate", node=e.node,
                            rolled_back=True)  # fmt: skip
         err.status = 422
         err.extra["deployment_id"] = final.deployment_id
         return err
+
+    async def _await_reverted(self, d: Deployment, sub: Subscription) -> None:
+        """Answer only once every node the deploy reached is off it again.
+
+        Peers switch back when they see the terminal row (there is no status between),
+        so the row is written first; the client's answer waits, within the deploy's
+        timeout, until no connected node still reports the release active or activating.
+        """
+        ctx = self.ctx
+        reached = [n for n in d.activate_nodes if n != ctx.node]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + d.timeout_ms / 1000
+        while reached:
+            results = {r.node: r for r in await ctx.store.results(d.deployment_id)}
+            serving = {n for n, r in results.items() if r.status in _ON_IT}
+            on_it = [n for n in reached if n in serving and n in ctx.cluster.connected()]
+            remaining_s = deadline - loop.time()
+            if not on_it or remaining_s <= 0:
+                if on_it:
+                    log.warning("rollback_unconfirmed", deployment_id=d.deployment_id,
+                                nodes=on_it)  # fmt: skip
+                return
+            await sub.get(timeout_s=min(remaining_s, 1.0))
 
     async def _revert_here(self, d: Deployment) -> None:
         """Put this node back on the project's desired release (the one before ``d``)."""
