@@ -108,6 +108,13 @@ class Deployment:
     def terminal(self) -> bool:
         return self.status in TERMINAL
 
+    @property
+    def order(self) -> tuple[int, str]:
+        """Where this deploy stands among its project's (SPEC 5): by creation version,
+        a tie (two origins minting the same version) broken by deployment id, as
+        ``desired_releases`` does. Compare deploys with this, never the version alone."""
+        return (self.created_version, self.deployment_id)
+
 
 @dataclass(frozen=True, slots=True)
 class Event:

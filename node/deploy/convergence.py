@@ -83,11 +83,7 @@ async def converge(ctx: DeployContext, project: str) -> None:
             await _mine(ctx, desired, NodeStatus.ACTIVE, late=True)
         await report_component(ctx, project)
         return
-    if (
-        current is not None
-        and current.created_version > desired.created_version
-        and current.status not in _GONE
-    ):
+    if current is not None and current.order > desired.order and current.status not in _GONE:
         return  # serving a newer deploy (still finishing): never move back
     log.info("converging", project=project, deployment_id=desired.deployment_id, active=active_id)
     try:

@@ -427,9 +427,12 @@ class Coordinator:
         return d
 
     async def _check_superseded(self, d: Deployment) -> None:
-        newer = await self.ctx.store.deployments(project=d.project, newer_than=d.created_version)
+        # ``newer_than`` is strict on the version alone: include ties, then order fully.
+        newer = await self.ctx.store.deployments(
+            project=d.project, newer_than=d.created_version - 1
+        )
         for other in newer:
-            if other.status not in _LOST and other.deployment_id != d.deployment_id:
+            if other.status not in _LOST and other.order > d.order:
                 raise Superseded(other.deployment_id)
 
     async def _activate(self, d: Deployment, sub: Subscription, *, resumed: bool) -> Deployment:

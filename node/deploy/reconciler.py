@@ -355,7 +355,7 @@ class Reconciler:
         current = await self.ctx.store.get_deployment(active["deployment_id"])
         if current is None or current.status in _GONE:
             return None
-        return current.deployment_id if current.created_version > d.created_version else None
+        return current.deployment_id if current.order > d.order else None
 
     async def _discard(self, d: Deployment) -> None:
         ctx = self.ctx
