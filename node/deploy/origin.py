@@ -182,6 +182,10 @@ class Origin:
                 code="payload_gone",
                 phase="receive",
             )
+            # The row named the source's blob from the start but never had it: drop that
+            # reference too, or this failed row would keep the bytes the drop that beat
+            # it meant to free, on every node its row reached first.
+            await self.ctx.store.mark_payload_dropped(d.deployment_id, user=d.user)
             await self.fail(d, rec, err)
             raise Gone(err.message, deployment_id=d.deployment_id, phase="receive") from None
         d, _ = await rec.write(None, ("phase", {"phase": "receive", "status": "done"}))
