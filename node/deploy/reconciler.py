@@ -239,6 +239,10 @@ class Reconciler:
                 await self._result(d, NodeStatus.FAILED, error["phase"], error=error)
             except Exception:
                 log.exception("reconcile_result_failed", deployment_id=d.deployment_id)
+        # A drop that arrived while this job held the blob could not free it; the hold
+        # is released now, so look again (or the bytes stay until the next start).
+        if await self.ctx.store.dropped([d.deployment_id]):
+            await self._on_drop(d.deployment_id)
 
     def converge_soon(self, project: str) -> None:
         """Converge ``project`` (once more, if a convergence is running)."""
