@@ -74,7 +74,7 @@ def svc(
     c = Cluster(tmp_path_factory.mktemp("services"), 3, node_toml=node_toml)
     failed_before = request.session.testsfailed
     try:
-        c.start()
+        c.start(timeout_s=90)
         yield Services(c, ports)
     finally:
         c.stop()
