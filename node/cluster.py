@@ -62,12 +62,18 @@ class ReplicationHooks(ClusterHooks):
         return await self.service.caught_up(timeout_s)
 
     async def wait_caught_up(self) -> None:
-        # A node with no reachable peer converges on what it has; one that can reach a
-        # peer waits (a bounded while) for what that peer holds first.
-        await self.service.caught_up(self.service.settings.dead_after_s)
+        # A node with no reachable peer converges on what it has; one that can reach
+        # peers waits until it holds what they hold, so a returning or new node stages
+        # only the releases it will run. Bounded: a peer that never lets it catch up
+        # does not stop convergence for good.
+        await self.service.caught_up(CONVERGE_WAIT_S, unless_alone=True)
 
     def summary(self) -> dict[str, Any]:
         return {"peers_connected": len(self.service.connected())}
+
+
+#: The longest convergence waits for this node to catch up with its connected peers.
+CONVERGE_WAIT_S = 300.0
 
 
 def settings_from(config: ReplicationConfig) -> Settings:

@@ -291,23 +291,41 @@ class ReplicationService:
             except StorageError as e:
                 log.error("replication_maintenance_failed", error=str(e))
 
-    async def caught_up(self, timeout_s: float) -> bool:
-        """Wait until some peer has sent everything it holds for this node (a node
-        joining a cluster waits so before creating anything that may already exist)."""
+    async def caught_up(self, timeout_s: float, *, unless_alone: bool = False) -> bool:
+        """Wait until every connected peer has sent everything it serves this node.
+
+        One peer is not enough: with scopes, each peer sends its own log and one relays
+        the rest, so a node that stopped at the first peer caught up would create a
+        bootstrap user the cluster already has (overwriting its password), or converge
+        to releases older than rows still on their way.
+
+        Args:
+            timeout_s: how long to wait at most.
+            unless_alone: give up at once while no peer is connected (a node with no
+                reachable peer goes on with what it has).
+
+        Returns:
+            True once caught up; False at the deadline, or alone with ``unless_alone``.
+        """
         deadline = self.clock.monotonic() + timeout_s
         while (left := deadline - self.clock.monotonic()) > 0:
-            waits = [asyncio.ensure_future(q.caught_up.wait()) for q, _ in self._queues.values()]
-            if not waits:
+            up = [q for q, _ in self._queues.values() if q.state is PeerState.CONNECTED]
+            if not up and unless_alone:
                 return False
+            behind = [q for q in up if not q.caught_up.is_set()]
+            if up and not behind:
+                return True
+            waits = [asyncio.ensure_future(q.caught_up.wait()) for q in behind]
             try:
-                done, _ = await asyncio.wait(
-                    waits, timeout=min(left, 0.5), return_when=asyncio.FIRST_COMPLETED
-                )
+                if waits:
+                    await asyncio.wait(
+                        waits, timeout=min(left, 0.5), return_when=asyncio.FIRST_COMPLETED
+                    )
+                else:  # nobody connected yet
+                    await asyncio.sleep(min(left, 0.1))
             finally:
                 for w in waits:
                     w.cancel()
-            if done:
-                return True
         return False
 
     # -- membership -------------------------------------------------------------------

@@ -110,8 +110,9 @@ class Deployment:
 
     @property
     def order(self) -> tuple[int, str]:
-        """Where this deploy stands among its project's deploys: by the version its row
-        was created at, ties (two nodes, one instant) broken by id. Never a wall clock."""
+        """Where this deploy stands among its project's (SPEC 5): by creation version,
+        a tie (two origins minting the same version) broken by deployment id, as
+        ``desired_releases`` does. Compare deploys with this, never the version alone."""
         return (self.created_version, self.deployment_id)
 
 

@@ -50,6 +50,8 @@ _STEP_STATUS = {
 }
 _STAGE_ANSWERS = {NodeStatus.STAGED, NodeStatus.FAILED, NodeStatus.ACTIVE, NodeStatus.ACTIVATING}
 _LOST = {DeploymentStatus.FAILED, DeploymentStatus.ROLLED_BACK}
+#: A node whose result says this still runs (or is switching to) the release.
+_ON_IT = {NodeStatus.ACTIVE, NodeStatus.ACTIVATING}
 #: Hook output lines of one peer's result turned into live events, at most.
 _PEER_LINES = 50
 
@@ -199,6 +201,7 @@ class Coordinator:
         await self.rec.close()
         log.warning("deploy_rolled_back", deployment_id=d.deployment_id, node=e.node,
                     code=e.code, reason=e.message)  # fmt: skip
+        await self._await_reverted(final, sub)
         err = DeployFailed(f"{e.node}: {e.message}", code=e.code, phase="activate", node=e.node,
                            rolled_back=True)  # fmt: skip
         err.status = 422
@@ -206,21 +209,24 @@ class Coordinator:
         return err
 
     async def _await_reverted(self, d: Deployment, sub: Subscription) -> None:
-        """Wait (within the deploy's timeout) until every other node that ran ``d`` has
-        switched back; a node that does not answer converges back when it returns."""
+        """Wait (within the deploy's timeout) until every other node that ran ``d`` and is
+        connected has switched back; a node that does not answer converges back when it
+        returns (the revoked ``activate_nodes`` is what it acts on)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + d.timeout_ms / 1000
         while True:
             results = await self.ctx.store.results(d.deployment_id)
             await self._forward([Notice(NODE_RESULTS.name, d.deployment_id, tuple(results))])
+            connected = set(self.ctx.cluster.connected())
             serving = [
                 r.node for r in results
-                if r.node != self.ctx.node
-                and r.status in (NodeStatus.ACTIVE, NodeStatus.ACTIVATING)
+                if r.node != self.ctx.node and r.status in _ON_IT and r.node in connected
             ]  # fmt: skip
             remaining_s = deadline - loop.time()
             if not serving or remaining_s <= 0:
                 if serving:
+                    log.warning("rollback_unconfirmed", deployment_id=d.deployment_id,
+                                nodes=serving)  # fmt: skip
                     await self.rec.event(
                         "warning",
                         message=f"not yet switched back: {', '.join(serving)}; they do "
@@ -432,11 +438,12 @@ class Coordinator:
         return d
 
     async def _check_superseded(self, d: Deployment) -> None:
-        later = await self.ctx.store.deployments(
+        # ``newer_than`` is strict on the version alone: include ties, then order fully.
+        newer = await self.ctx.store.deployments(
             project=d.project, newer_than=d.created_version - 1
         )
-        for other in later:
-            if other.order > d.order and other.status not in _LOST:
+        for other in newer:
+            if other.status not in _LOST and other.order > d.order:
                 raise Superseded(other.deployment_id)
 
     async def _activate(self, d: Deployment, sub: Subscription, *, resumed: bool) -> Deployment:

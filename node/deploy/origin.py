@@ -24,7 +24,7 @@ from node.deploy.coordinator import Coordinator, fail
 from node.deploy.recorder import Recorder
 from node.errors import CairnError, DeployFailed, Gone
 from node.tasks import TaskSet
-from storage.errors import BlobMissing, BlobTooLarge
+from storage.errors import BlobTooLarge, StorageError
 from storage.records import Deployment, DeploymentStatus, NodeStatus
 
 __all__ = ["DeployRequest", "Origin"]
@@ -163,18 +163,24 @@ class Origin:
         return d
 
     async def reuse_blob(self, d: Deployment, rec: Recorder, source: Deployment) -> Deployment:
-        """Check that a rollback's row (which already names ``source``'s blob) can use it.
+        """Check that a rollback's row (which already names ``source``'s blob) can use it,
+        fetching the blob from a peer when this node lacks it.
 
         Raises:
-            Gone: the blob is not available on this node (row marked failed).
+            Gone: the blob is dropped, or neither here nor on any reachable peer (row
+                marked failed).
         """
         h = source.payload_hash
         ok = False
         if h is not None and not await self.ctx.store.dropped([source.deployment_id]):
             with self.ctx.blobs.holding(h):
                 try:
+                    if not self.ctx.blobs.has(h) and source.payload_size is not None:
+                        # Not here (this node skipped that deploy, or was rebuilt): the
+                        # payload is available if a peer still holds it.
+                        await self.ctx.fetcher.fetch(h, source.payload_size)
                     ok = self.ctx.blobs.has(h) and await self.ctx.blobs.verify(h)
-                except BlobMissing:
+                except StorageError:  # nobody has it, or it arrived corrupt
                     ok = False
         if not ok:
             err = DeployFailed(
@@ -182,6 +188,10 @@ class Origin:
                 code="payload_gone",
                 phase="receive",
             )
+            # The row named the source's blob from the start but never had it: drop that
+            # reference too, or this failed row would keep the bytes the drop that beat
+            # it meant to free, on every node its row reached first.
+            await self.ctx.store.mark_payload_dropped(d.deployment_id, user=d.user)
             await self.fail(d, rec, err)
             raise Gone(err.message, deployment_id=d.deployment_id, phase="receive") from None
         d, _ = await rec.write(None, ("phase", {"phase": "receive", "status": "done"}))

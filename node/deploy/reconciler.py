@@ -34,6 +34,7 @@ import structlog
 
 from node.deploy import pipeline
 from node.deploy.activation import ActivationFailed, activate_here, restart_wanted
+from node.deploy.backfill import backfill_payloads
 from node.deploy.context import DeployContext
 from node.deploy.convergence import converge, report_component
 from node.errors import DeployFailed
@@ -105,6 +106,7 @@ class Reconciler:
         try:
             with self.ctx.store.feed.subscribe(lambda n: n.tbl in want, maxsize=10_000) as sub:
                 await self.scan()
+                self.tasks.spawn(self._backfill(), name="backfill-payloads")
                 while True:
                     notices = await self._next(sub)
                     if notices is None or sub.overflowed:
@@ -243,6 +245,10 @@ class Reconciler:
                 await self._result(d, NodeStatus.FAILED, error["phase"], error=error)
             except Exception:
                 log.exception("reconcile_result_failed", deployment_id=d.deployment_id)
+        # A drop that arrived while this job held the blob could not free it; the hold
+        # is released now, so look again (or the bytes stay until the next start).
+        if await self.ctx.store.dropped([d.deployment_id]):
+            await self._on_drop(d.deployment_id)
 
     def converge_soon(self, project: str) -> None:
         """Converge ``project`` (once more, if a convergence is running)."""
@@ -387,6 +393,10 @@ class Reconciler:
                 return
         await self._result(d, NodeStatus.ROLLED_BACK, "activate", error=error)
         self.converge_soon(d.project)
+
+    async def _backfill(self) -> None:
+        await self.wait_ready()
+        await backfill_payloads(self.ctx, on_dropped=self._on_drop)
 
     def is_lost(self, deployment_id: str) -> bool:
         """Whether this node treats the deploy as failed because its origin is lost."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from replication.sslctx import client_ssl_context, server_ssl_context
 from replication.tls import NodeCertFiles, cluster_id_for_ca, init_ca, issue_node_cert
 from storage.accounts import Accounts
 from storage.blobs import BlobStore
+from storage.hlc import HybridClock
 from storage.records import DeploymentStatus
 from storage.store import Store
 
@@ -129,14 +131,19 @@ class Mesh:
             close_timeout_s=0.5,
         )
 
-    async def add(self, *names: str) -> list[Node]:
-        """Create nodes (stores, blobs, certificates, ports) that all know each other."""
+    async def add(self, *names: str, clocks: Mapping[str, HybridClock] | None = None) -> list[Node]:
+        """Create nodes (stores, blobs, certificates, ports) that all know each other.
+
+        Args:
+            clocks: a node's hybrid clock (over a fake wall, say), by name.
+        """
         for name in names:
             data = self.root / name
             data.mkdir(parents=True, exist_ok=True)
             certs = self.issue(name)
             signer = NodeSigner.load(certs.cert, certs.key)
-            store = await Store.open(data / "cairn.db", node=name, signer=signer)
+            clock = (clocks or {}).get(name)
+            store = await Store.open(data / "cairn.db", node=name, signer=signer, clock=clock)
             self.nodes[name] = Node(
                 name, free_port(), store, BlobStore(data / "blobs"), certs, signer
             )
