@@ -53,6 +53,7 @@ from node.deploy.context import (
 )
 from node.deploy.hooks import HookGroups
 from node.deploy.origin import Origin
+from node.deploy.pressure import DiskPressure
 from node.deploy.reconciler import Reconciler
 from node.deploy.supervisor import Supervisor
 from node.errors import DeployFailed
@@ -66,6 +67,7 @@ from storage.blobs import BlobStore
 from storage.entries import UNSIGNED, Signer
 from storage.faults import NO_FAULTS, Faults
 from storage.hlc import HybridClock
+from storage.records import Deployment
 from storage.store import Store
 
 __all__ = ["CLUSTER", "ClusterFactory", "ClusterHooks", "create_app"]
@@ -105,6 +107,7 @@ CLUSTER: web.AppKey[ClusterHooks] = web.AppKey("cluster", ClusterHooks)
 _CLUSTER_FACTORY: web.AppKey[ClusterFactory | None] = web.AppKey("cluster_factory")
 _RUNNER_FACTORY: web.AppKey[RunnerFactory | None] = web.AppKey("runner_factory")
 _SIGNER: web.AppKey[Signer] = web.AppKey("signer")
+_PRESSURE: web.AppKey[DiskPressure] = web.AppKey("pressure")
 
 
 def registry() -> Registry:
@@ -201,10 +204,14 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         app[ACCOUNTS] = Accounts(store)
         app[AUTH] = Authenticator(app[ACCOUNTS])
         solo = SoloCluster(config.node.name)
+        pressure = app[_PRESSURE] = DiskPressure(
+            lambda: app[DEPLOY], config.storage, data_dir=data, drop=_drop_payload
+        )
+        blobs.guard = pressure.ingesting
         app[DEPLOY] = DeployContext(
             node=config.node.name, store=store, blobs=blobs, components=components,
             limits=config.limits, cluster=solo, fetcher=solo, faults=seams.faults,
-            hook_groups=hook_groups, retention=config.retention,
+            hook_groups=hook_groups, retention=config.retention, space=pressure,
         )  # fmt: skip
         yield
     finally:
@@ -260,6 +267,7 @@ async def _deploys(app: web.Application) -> AsyncIterator[None]:
         hooks.on_ready(reconciler)
     background = TaskSet("reconciler")
     background.spawn(reconciler.run(), name="reconciler")
+    background.spawn(app[_PRESSURE].run(), name="disk-pressure")
     try:
         yield
     finally:
@@ -278,6 +286,11 @@ async def _deploys(app: web.Application) -> AsyncIterator[None]:
 
 async def _now() -> None:
     return None
+
+
+async def _drop_payload(ctx: DeployContext, d: Deployment) -> int:
+    """Disk pressure drops a payload as ``delete_deployment_payload`` does (replicated)."""
+    return await payloads.drop_payload(ctx, d, user=None)
 
 
 async def _active_runs(ctx: DeployContext) -> dict[str, tuple[str, Path, RunSpec | None]]:

@@ -39,6 +39,9 @@ SECTIONS: dict[str, str] = {
     "replication": "The peer protocol's timing and flow control (see "
     "[replication.md](replication.md)).",
     "retention": "Which payloads `prune_deployment_payloads` keeps (records are kept forever).",
+    "storage": "Disk pressure on the data directory (see [operations.md](operations.md#disk-"
+    "pressure)): the watermark is the larger of `min_free_bytes` and `min_free_ratio` of the "
+    "filesystem's size.",
     "": "Top-level keys.",
 }
 
@@ -86,6 +89,11 @@ MEANINGS: dict[str, str] = {
     "retention.keep_successful": "successful deploys per project whose payloads are kept "
     "(pinned and active ones are always kept)",
     "retention.failed_grace_s": "how long a failed deploy's payload is kept",
+    "storage.min_free_bytes": "free bytes the data directory keeps: below them the node "
+    "reclaims, and refuses deploys it cannot fit (507 `insufficient_storage`)",
+    "storage.min_free_ratio": "the same as a fraction of the filesystem's size (0: unused)",
+    "storage.max_blob_bytes": "largest size of the blob store (0: no cap)",
+    "storage.check_s": "how often free space is checked when no deploy asks",
     ".log_level": "`debug`, `info`, `warning` or `error`",
 }
 
