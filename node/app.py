@@ -41,6 +41,7 @@ from node.appkeys import (
     Seams,
 )
 from node.auth import SUPER_USER_ROLE, Authenticator, hash_password
+from node.backup import RESTORED_META, recover_after_restore
 from node.config import Config
 from node.deploy.component_config import RunSpec, load_component_config
 from node.deploy.components import Components
@@ -257,15 +258,20 @@ async def _deploys(app: web.Application) -> AsyncIterator[None]:
     # Processes a killed node left behind are stopped; each active release runs again.
     await supervisor.recover(await _active_runs(ctx))
     tasks = app[DEPLOY_TASKS] = TaskSet("deploys")
-    app[ORIGIN] = Origin(ctx, tasks)
-    interrupted = await app[ORIGIN].recover()
+    origin = app[ORIGIN] = Origin(ctx, tasks)
     hooks = app.get(CLUSTER)
+    background = TaskSet("reconciler")
+    interrupted: list[str] = []
+    if restored := await ctx.store.get_meta(RESTORED_META):
+        # Restored from a backup: what it wrote since comes back from its peers first.
+        background.spawn(_recover_restored(app, restored), name="recover-after-restore")
+    else:
+        interrupted = await origin.recover()
     reconciler = app[RECONCILER] = Reconciler(
         ctx, wait_ready=hooks.wait_caught_up if hooks is not None else _now
     )
     if hooks is not None:
         hooks.on_ready(reconciler)
-    background = TaskSet("reconciler")
     background.spawn(reconciler.run(), name="reconciler")
     background.spawn(app[_PRESSURE].run(), name="disk-pressure")
     try:
@@ -286,6 +292,23 @@ async def _deploys(app: web.Application) -> AsyncIterator[None]:
 
 async def _now() -> None:
     return None
+
+
+async def _recover_restored(app: web.Application, restored: str) -> None:
+    hooks, store = app.get(CLUSTER), app[STORE]
+    wait_s = app[CONFIG].auth.bootstrap_wait_s
+
+    async def caught_up() -> bool:
+        assert hooks is not None
+        return await hooks.caught_up(wait_s)
+
+    async def done() -> None:
+        await store.set_meta(RESTORED_META, "")
+
+    await recover_after_restore(
+        restored=restored, caught_up=caught_up if hooks is not None else None,
+        recover=app[ORIGIN].recover, done=done,
+    )  # fmt: skip
 
 
 async def _drop_payload(ctx: DeployContext, d: Deployment) -> int:
