@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import logging
@@ -139,9 +140,10 @@ async def _rescan(ctx: DeployContext) -> float:
     return time.perf_counter() - started
 
 
-async def generate(data: Path, tls: Path, count: int, checkpoints: list[int]) -> dict[str, Any]:
-    """Write ``count`` deploys on node a's store; rescan times at each checkpoint."""
+async def _open(data: Path, tls: Path) -> tuple[DeployContext, dict[str, tuple[str, int]]]:
+    """Node a's store and deploy context, and a small real payload per project."""
     signer = NodeSigner.load(tls / "a.pem", tls / "a.key")
+    os.makedirs(data, exist_ok=True)
     store = await Store.open(data / "cairn.db", node="a", signer=signer)
     blobs = BlobStore(data / "blobs")
     ctx = DeployContext(
@@ -155,20 +157,35 @@ async def generate(data: Path, tls: Path, count: int, checkpoints: list[int]) ->
         info = await blobs.ingest_file(path, max_bytes=1 << 20)
         payloads[f"p{i}"] = (info.hash, info.size)
         path.unlink()
-    rescans: dict[int, float] = {}
+    return ctx, payloads
+
+
+async def generate(data: Path, tls: Path, count: int) -> float:
+    """Write ``count`` deploys on node a's store (then converge it once); seconds taken."""
+    ctx, payloads = await _open(data, tls)
     started = time.perf_counter()
     for n in range(1, count + 1):
-        await _one_deploy(store, f"p{n % PROJECTS}", payloads[f"p{n % PROJECTS}"])
+        await _one_deploy(ctx.store, f"p{n % PROJECTS}", payloads[f"p{n % PROJECTS}"])
         if n % 5000 == 0:
             rate = n / (time.perf_counter() - started)
             print(f"  generated {n:,} deploys ({rate:.0f}/s)", file=sys.stderr)
-        if n in checkpoints or n == count:
-            await _rescan(ctx)  # converge for real once: the node is then idle
-            rescans[n] = statistics.median([await _rescan(ctx) for _ in range(5)])
-            print(f"  rescan at {n:,} deploys: {rescans[n] * 1000:.1f} ms", file=sys.stderr)
     generated_s = time.perf_counter() - started
-    await store.close()
-    return {"rescan_s": rescans, "generate_s": generated_s}
+    await _rescan(ctx)  # converge for real once: the node is then idle
+    await ctx.store.close()
+    return generated_s
+
+
+async def rescan_time(data: Path, tls: Path, count: int | None = None) -> float:
+    """Median of 5 idle rescans of node a at ``data`` (writing ``count`` deploys there
+    first when given)."""
+    if count is not None:
+        await generate(data, tls, count)
+    ctx, _ = await _open(data, tls)
+    try:
+        await _rescan(ctx)
+        return statistics.median([await _rescan(ctx) for _ in range(5)])
+    finally:
+        await ctx.store.close()
 
 
 # -- measuring a database -----------------------------------------------------------------
@@ -259,6 +276,10 @@ class Proxy:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.CancelledError):  # close() ends connections
+            await self._relay(reader, writer)
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
@@ -395,22 +416,26 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     for name in NODES:
         issue_node_cert(tls, tls, name, ["127.0.0.1"], days=30)
     a, b, c = (Node(work, n, tls) for n in NODES)
-    checkpoints = [n for n in (1000, 10_000) if n < args.deploys]
     if reuse:
         assert cached is not None
         print(f"reusing generated node a from {cached}", file=sys.stderr)
         shutil.copytree(cached, a.data)
-        gen = json.loads((cached.parent / f"gen-{args.deploys}.json").read_text())
-        gen["rescan_s"] = {int(k): v for k, v in gen["rescan_s"].items()}
+        generate_s = json.loads((cached.parent / f"gen-{args.deploys}.json").read_text())
     else:
         print(f"generating {args.deploys:,} deploys on a (through the store)", file=sys.stderr)
-        a.data.mkdir(parents=True)
-        gen = await generate(a.data, tls, args.deploys, checkpoints)
+        generate_s = await generate(a.data, tls, args.deploys)
         if cached is not None:
             shutil.copytree(a.data, cached)
             shutil.copytree(tls, cached.parent / f"tls-{args.deploys}", dirs_exist_ok=True)
-            (cached.parent / f"gen-{args.deploys}.json").write_text(json.dumps(gen))
+            (cached.parent / f"gen-{args.deploys}.json").write_text(json.dumps(generate_s))
     log_generated = log_figures(a.data / "cairn.db")
+    rescans = {args.deploys: await rescan_time(a.data, tls)}
+    for n in (1000, 10_000):
+        if n < args.deploys:
+            rescans[n] = await rescan_time(work / f"rescan-{n}" / "data", tls, n)
+            shutil.rmtree(work / f"rescan-{n}")
+    for n, t in sorted(rescans.items()):
+        print(f"  idle rescan at {n:,} deploys: {t * 1000:.1f} ms", file=sys.stderr)
 
     a.write_config([("b", b.peer)])
     b.write_config([("a", a.peer)])
@@ -459,7 +484,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             n.stop()
     return {
         "deploys": args.deploys,
-        "generate_s": gen["generate_s"],
+        "generate_s": generate_s,
         "dense_catch_up_s": dense_s,
         "join_rows_s": rows_s,
         "join_rows_bytes": rows_bytes,
@@ -473,7 +498,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "bytes_ratio": join_bytes / copy_bytes,
         "changelog_after_deploys": log_generated,
         "changelog_after_trim": log_trimmed,
-        "rescan_s": gen["rescan_s"],
+        "rescan_s": rescans,
     }
 
 
