@@ -35,6 +35,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import gzip
 import io
 import json
 import logging
@@ -84,8 +85,12 @@ def _port() -> int:
 
 
 def _component(project: str) -> bytes:
+    """The same bytes every time (gzip without a timestamp): cached nodes match."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+    with (
+        gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz,
+        tarfile.open(fileobj=gz, mode="w") as tar,
+    ):
         data = f"<p>{project}</p>\n".encode()
         info = tarfile.TarInfo("app/index.html")
         info.size = len(data)
@@ -419,13 +424,13 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     if reuse:
         assert cached is not None
         print(f"reusing generated node a from {cached}", file=sys.stderr)
-        shutil.copytree(cached, a.data)
+        shutil.copytree(cached, a.data, symlinks=True)
         generate_s = json.loads((cached.parent / f"gen-{args.deploys}.json").read_text())
     else:
         print(f"generating {args.deploys:,} deploys on a (through the store)", file=sys.stderr)
         generate_s = await generate(a.data, tls, args.deploys)
         if cached is not None:
-            shutil.copytree(a.data, cached)
+            shutil.copytree(a.data, cached, symlinks=True)
             shutil.copytree(tls, cached.parent / f"tls-{args.deploys}", dirs_exist_ok=True)
             (cached.parent / f"gen-{args.deploys}.json").write_text(json.dumps(generate_s))
     log_generated = log_figures(a.data / "cairn.db")
