@@ -134,7 +134,9 @@ async def _run(request: web.Request, principal: Principal) -> web.StreamResponse
 async def metrics(request: web.Request) -> web.Response:
     services = Services(request.app)
     status = await services.cluster_status() if services.cluster_status else None
-    text = await request.app[METRICS].render(services.ctx.store, services.ctx.blobs, status)
+    text = await request.app[METRICS].render(
+        services.ctx.store, services.ctx.blobs, status, storage=services.ctx.space.status()
+    )
     return web.Response(body=text, headers={"Content-Type": CONTENT_TYPE})
 
 

@@ -41,6 +41,7 @@ from node.appkeys import (
     Seams,
 )
 from node.auth import SUPER_USER_ROLE, Authenticator, hash_password
+from node.backup import RESTORED_META, recover_after_restore
 from node.config import Config
 from node.deploy.component_config import RunSpec, load_component_config
 from node.deploy.components import Components
@@ -53,6 +54,7 @@ from node.deploy.context import (
 )
 from node.deploy.hooks import HookGroups
 from node.deploy.origin import Origin
+from node.deploy.pressure import DiskPressure
 from node.deploy.reconciler import Reconciler
 from node.deploy.supervisor import Supervisor
 from node.errors import DeployFailed
@@ -66,6 +68,7 @@ from storage.blobs import BlobStore
 from storage.entries import UNSIGNED, Signer
 from storage.faults import NO_FAULTS, Faults
 from storage.hlc import HybridClock
+from storage.records import Deployment
 from storage.store import Store
 
 __all__ = ["CLUSTER", "ClusterFactory", "ClusterHooks", "create_app"]
@@ -105,6 +108,7 @@ CLUSTER: web.AppKey[ClusterHooks] = web.AppKey("cluster", ClusterHooks)
 _CLUSTER_FACTORY: web.AppKey[ClusterFactory | None] = web.AppKey("cluster_factory")
 _RUNNER_FACTORY: web.AppKey[RunnerFactory | None] = web.AppKey("runner_factory")
 _SIGNER: web.AppKey[Signer] = web.AppKey("signer")
+_PRESSURE: web.AppKey[DiskPressure] = web.AppKey("pressure")
 
 
 def registry() -> Registry:
@@ -201,10 +205,14 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         app[ACCOUNTS] = Accounts(store)
         app[AUTH] = Authenticator(app[ACCOUNTS], config.auth)
         solo = SoloCluster(config.node.name)
+        pressure = app[_PRESSURE] = DiskPressure(
+            lambda: app[DEPLOY], config.storage, data_dir=data, drop=_drop_payload
+        )
+        blobs.guard = pressure.ingesting
         app[DEPLOY] = DeployContext(
             node=config.node.name, store=store, blobs=blobs, components=components,
             limits=config.limits, cluster=solo, fetcher=solo, faults=seams.faults,
-            hook_groups=hook_groups, retention=config.retention,
+            hook_groups=hook_groups, retention=config.retention, space=pressure,
         )  # fmt: skip
         yield
     finally:
@@ -250,17 +258,23 @@ async def _deploys(app: web.Application) -> AsyncIterator[None]:
     # Processes a killed node left behind are stopped; each active release runs again.
     await supervisor.recover(await _active_runs(ctx))
     tasks = app[DEPLOY_TASKS] = TaskSet("deploys")
-    app[ORIGIN] = Origin(ctx, tasks)
-    interrupted = await app[ORIGIN].recover()
+    origin = app[ORIGIN] = Origin(ctx, tasks)
     hooks = app.get(CLUSTER)
+    background = TaskSet("reconciler")
+    interrupted: list[str] = []
+    if restored := await ctx.store.get_meta(RESTORED_META):
+        # Restored from a backup: what it wrote since comes back from its peers first.
+        background.spawn(_recover_restored(app, restored), name="recover-after-restore")
+    else:
+        interrupted = await origin.recover()
     reconciler = app[RECONCILER] = Reconciler(
         ctx, wait_ready=hooks.wait_caught_up if hooks is not None else _now
     )
     if hooks is not None:
         hooks.on_ready(reconciler)
-    background = TaskSet("reconciler")
     background.spawn(reconciler.run(), name="reconciler")
     background.spawn(app[METRICS].watch_outcomes(app[STORE]), name="deploy-outcomes")
+    background.spawn(app[_PRESSURE].run(), name="disk-pressure")
     try:
         yield
     finally:
@@ -279,6 +293,28 @@ async def _deploys(app: web.Application) -> AsyncIterator[None]:
 
 async def _now() -> None:
     return None
+
+
+async def _recover_restored(app: web.Application, restored: str) -> None:
+    hooks, store = app.get(CLUSTER), app[STORE]
+    wait_s = app[CONFIG].auth.bootstrap_wait_s
+
+    async def caught_up() -> bool:
+        assert hooks is not None
+        return await hooks.caught_up(wait_s)
+
+    async def done() -> None:
+        await store.set_meta(RESTORED_META, "")
+
+    await recover_after_restore(
+        restored=restored, caught_up=caught_up if hooks is not None else None,
+        recover=app[ORIGIN].recover, done=done,
+    )  # fmt: skip
+
+
+async def _drop_payload(ctx: DeployContext, d: Deployment) -> int:
+    """Disk pressure drops a payload as ``delete_deployment_payload`` does (replicated)."""
+    return await payloads.drop_payload(ctx, d, user=None)
 
 
 async def _active_runs(ctx: DeployContext) -> dict[str, tuple[str, Path, RunSpec | None]]:

@@ -38,6 +38,7 @@ __all__ = [
     "PeerEntry",
     "ReplicationConfig",
     "RetentionConfig",
+    "StorageConfig",
     "TlsConfig",
     "config_env_names",
     "load_config",
@@ -182,6 +183,29 @@ class RetentionConfig:
     keep_releases: int = 3
 
 
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    """Disk pressure on the data directory (see docs/operations.md, "Disk pressure").
+
+    The watermark is the larger of ``min_free_bytes`` and ``min_free_ratio`` of the
+    filesystem's size: below it the node reclaims, and a deploy that would take free
+    space below it is refused with 507 ``insufficient_storage``.
+    """
+
+    min_free_bytes: int = 512 * MiB
+    min_free_ratio: float = 0.0
+    #: The blob store's largest size in bytes (0: no cap).
+    max_blob_bytes: int = 0
+    #: How often free space is looked at when nothing else asks.
+    check_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_free_ratio < 1.0:
+            raise ConfigError("[storage] min_free_ratio must be at least 0 and below 1")
+        if self.check_s <= 0:
+            raise ConfigError("[storage] check_s must be positive")
+
+
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -239,6 +263,7 @@ class Config:
     deploy: DeployConfig = field(default_factory=DeployConfig)
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     components: ComponentsConfig = field(default_factory=ComponentsConfig)
     log_level: str = "info"
 
@@ -258,6 +283,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "deploy": DeployConfig,
     "replication": ReplicationConfig,
     "retention": RetentionConfig,
+    "storage": StorageConfig,
     "components": ComponentsConfig,
 }
 
@@ -442,6 +468,7 @@ def parse_config(
         deploy=sections.get("deploy", DeployConfig()),
         replication=sections.get("replication", ReplicationConfig()),
         retention=sections.get("retention", RetentionConfig()),
+        storage=sections.get("storage", StorageConfig()),
         components=sections.get("components", ComponentsConfig()),
         log_level=log_level,
     )

@@ -16,7 +16,8 @@ Anything else that escapes a handler is a bug and becomes a logged 500.
     ├── TooManyRequests      429  too_many_requests (sends Retry-After)
     ├── DeployFailed         status and code of the cause (422 bad_payload, unsafe_payload,
     │                        install_failed, check_failed; 503 replication_failed;
-    │                        504 deployment_timeout; 410 payload_gone; interrupted)
+    │                        504 deployment_timeout; 410 payload_gone; interrupted;
+    │                        507 insufficient_storage)
     └── Unavailable          503  cluster not reachable
 """
 
@@ -132,6 +133,7 @@ _DEPLOY_STATUS = {
     "too_large": 413,
     "upload_failed": 400,
     "package_fetch_failed": 422,
+    "insufficient_storage": 507,
 }
 
 

@@ -98,6 +98,32 @@ class Metrics:
             registry=r,
         )
 
+        self.storage_free = Gauge(
+            "cairn_storage_free_bytes", "Free bytes on the data directory's filesystem",
+            registry=r,
+        )  # fmt: skip
+        self.storage_watermark = Gauge(
+            "cairn_storage_watermark_bytes",
+            "Free bytes the node keeps: below them it reclaims and refuses deploys",
+            registry=r,
+        )
+        self.storage_pressure = Gauge(
+            "cairn_storage_pressure",
+            "1 while free space is below the watermark or the blob store above its cap",
+            registry=r,
+        )
+        self.storage_reclaimed = Gauge(
+            "cairn_storage_reclaimed_bytes_total",
+            "Bytes reclaimed under disk pressure since start, by step",
+            ["step"],
+            registry=r,
+        )
+        self.storage_refused = Gauge(
+            "cairn_storage_refused_deploys_total",
+            "Deploy steps refused with insufficient_storage since start",
+            registry=r,
+        )
+
     async def watch_outcomes(self, store: Store) -> None:
         """Count every deploy this node originates as it ends (until cancelled)."""
         with store.feed.subscribe(
@@ -111,7 +137,12 @@ class Metrics:
                             self.deploy_outcomes.labels(status=str(d.status), code=code).inc()
 
     async def render(
-        self, store: Store, blobs: BlobStore, cluster: dict[str, Any] | None = None
+        self,
+        store: Store,
+        blobs: BlobStore,
+        cluster: dict[str, Any] | None = None,
+        *,
+        storage: dict[str, Any] | None = None,
     ) -> bytes:
         """Refresh the gauges read from storage (and the cluster status, if clustered)
         and return the exposition text."""
@@ -142,5 +173,12 @@ class Metrics:
             self.changelog_entries.set(log["entries"])
         for reason in ("members", "age", "size"):
             self.changelog_trimmed.labels(reason=reason).set(log.get(f"trimmed_by_{reason}", 0))
+        if storage:
+            self.storage_free.set(storage["free_bytes"])
+            self.storage_watermark.set(storage["watermark_bytes"])
+            self.storage_pressure.set(int(storage["under_pressure"]))
+            for step, n in storage["reclaimed_bytes"].items():
+                self.storage_reclaimed.labels(step=step).set(n)
+            self.storage_refused.set(storage["refused_deploys"])
         out: bytes = generate_latest(self.registry)
         return out

@@ -52,6 +52,9 @@ class BlobReceiver:
         channel: the (dialled) channel the sender serves blobs on.
         blobs: where partial and finished blobs go.
         chunk_credit: chunks the sender may have in flight on this channel.
+        max_transfers: blobs the sender serves at once; more requests wait their turn
+            (a blob asked for counts until its ``End`` or ``Missing`` arrives, also
+            one its caller gave up on).
         on_bytes: called with each chunk's length (for counters).
     """
 
@@ -61,12 +64,14 @@ class BlobReceiver:
         blobs: BlobStore,
         *,
         chunk_credit: int,
+        max_transfers: int = 16,
         on_bytes: Callable[[int], None] = lambda _n: None,
     ) -> None:
         self.channel = channel
         self.blobs = blobs
         self.chunk_credit = chunk_credit
         self.on_bytes = on_bytes
+        self._slots = asyncio.Semaphore(max_transfers)
         self._outstanding = 0  # chunk credit granted and not yet used
         self._active: dict[str, _Incoming] = {}
         self._abandoned: set[str] = set()  # asked for, no longer wanted: drain quietly
@@ -92,9 +97,14 @@ class BlobReceiver:
                 the end; the partial is dropped.
             ChannelClosed: the channel ended first (the partial keeps what arrived).
         """
-        if self._closed is not None:
-            raise ChannelClosed(f"channel to {self.channel.peer!r} is closed")
         if hash in self._active:
+            raise RuntimeError(f"blob {hash} is already being fetched on this channel")
+        await self._slots.acquire()  # released when its End or Missing arrives
+        if self._closed is not None:
+            self._slots.release()
+            raise ChannelClosed(f"channel to {self.channel.peer!r} is closed")
+        if hash in self._active or hash in self._abandoned:
+            self._slots.release()
             raise RuntimeError(f"blob {hash} is already being fetched on this channel")
         t = _Incoming(hash, size, offset, asyncio.get_running_loop().create_future())
         self._active[hash] = t
@@ -132,7 +142,9 @@ class BlobReceiver:
             if msg.hash not in self._abandoned:
                 raise ProtocolError(f"{msg.TYPE} for blob {msg.hash}, which was not asked for")
             self._abandoned.discard(msg.hash)
+            self._slots.release()
             return
+        self._slots.release()
         if isinstance(msg, Missing):
             t.done.set_exception(BlobMissing(f"{self.channel.peer!r} has no blob {msg.hash}"))
         elif msg.size != t.size or t.offset != t.size:

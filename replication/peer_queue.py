@@ -333,8 +333,9 @@ class PeerQueue:
         )  # fmt: skip
         if "blobs" in welcome.caps:
             self.receiver = BlobReceiver(
-                channel, self.blobs, chunk_credit=s.chunk_credit, on_bytes=self._bytes_in
-            )
+                channel, self.blobs, chunk_credit=s.chunk_credit,
+                max_transfers=s.max_transfers, on_bytes=self._bytes_in,
+            )  # fmt: skip
         self._channel = channel
         self.state = PeerState.CONNECTED
         self.stats.connected_at_ms = self.clock.wall_ms()

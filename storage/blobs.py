@@ -154,6 +154,9 @@ class BlobStore:
         self._held: Counter[str] = Counter()
         self._locks: dict[str, asyncio.Lock] = {}
         self._lock_users: Counter[str] = Counter()
+        #: Called with the bytes received so far after each batch of an ingest (the
+        #: node's free-space check); whatever it raises aborts the ingest.
+        self.guard: Callable[[int], Awaitable[None]] | None = None
 
     # -- in use -------------------------------------------------------------------------
 
@@ -246,6 +249,7 @@ class BlobStore:
         Raises:
             BlobTooLarge: more than ``max_bytes`` arrived; nothing is stored.
             StorageError: the filesystem failed.
+            Whatever :attr:`guard` raises.
             Whatever ``chunks`` raises, and CancelledError. Before any exception leaves,
             the temp file is gone.
         """
@@ -262,6 +266,8 @@ class BlobStore:
                 if batched >= _BATCH_BYTES:
                     await sink.feed(batch)
                     batch, batched = [], 0
+                    if self.guard is not None:
+                        await self.guard(size)
             await sink.feed(batch)
             info = BlobInfo(await sink.seal(), size)
             async with self._locked(info.hash):

@@ -214,9 +214,11 @@ class DeploymentRows:
             clauses.append(f"status IN ({', '.join('?' for _ in statuses)})")
             params += [str(s) for s in statuses]
         if terminal is not None:
-            marks = ", ".join("?" for _ in TERMINAL)
-            clauses.append(f"status {'IN' if terminal else 'NOT IN'} ({marks})")
-            params += [str(s) for s in TERMINAL]
+            # Named statuses either way, never NOT IN: deployments_by_status then finds
+            # the few running deploys without scanning every row (an idle rescan asks).
+            wanted = [s for s in DeploymentStatus if (s in TERMINAL) == terminal]
+            clauses.append(f"status IN ({', '.join('?' for _ in wanted)})")
+            params += [str(s) for s in wanted]
         if project is not None:
             clauses.append("project = ?")
             params.append(project)

@@ -65,6 +65,7 @@ CLI_MAY_IMPORT = {
     "node.runner": "`cairn node run` starts the server",
     "node.logs": "`cairn node run` configures logging",
     "node.deploy.pack": "packing a directory is shared with the server's package deploys",
+    "node.backup": "`cairn node backup` and `cairn node restore` work on a data directory",
     "replication.tls": "`cairn cert` and local clusters make the CA and certificates",
     "replication.errors": "CertificateError from replication.tls",
     "storage.rules": "the record's value rules (project, node and user names, ids)",

@@ -41,6 +41,9 @@ SECTIONS: dict[str, str] = {
     "retention": "Which payloads `prune_deployment_payloads` keeps (records are kept forever).",
     "components": "Supervised `[run]` processes of deployed components (see "
     "[components.md](components.md)).",
+    "storage": "Disk pressure on the data directory (see [operations.md](operations.md#disk-"
+    "pressure)): the watermark is the larger of `min_free_bytes` and `min_free_ratio` of the "
+    "filesystem's size.",
     "": "Top-level keys.",
 }
 
@@ -88,6 +91,11 @@ MEANINGS: dict[str, str] = {
     "retention.keep_successful": "successful deploys per project whose payloads are kept "
     "(pinned and active ones are always kept)",
     "retention.failed_grace_s": "how long a failed deploy's payload is kept",
+    "storage.min_free_bytes": "free bytes the data directory keeps: below them the node "
+    "reclaims, and refuses deploys it cannot fit (507 `insufficient_storage`)",
+    "storage.min_free_ratio": "the same as a fraction of the filesystem's size (0: unused)",
+    "storage.max_blob_bytes": "largest size of the blob store (0: no cap)",
+    "storage.check_s": "how often free space is checked when no deploy asks",
     ".log_level": "`debug`, `info`, `warning` or `error`",
     "tls.expiry_warning_days": "warn (log, metrics, `cluster_status`) this many days before "
     "the node certificate ends",

@@ -10,6 +10,7 @@ import sys
 import click
 
 from node.cli.audit import audit
+from node.cli.backup import node_backup, node_restore
 from node.cli.cert import cert
 from node.cli.cluster import cluster, demo
 from node.cli.common import EXIT_USAGE, fail, os_error_line
@@ -33,6 +34,10 @@ for _command in (
     node, deploy, deployments, components, nodes, audit, users, roles, cluster, cert, demo,
 ):  # fmt: skip
     cli.add_command(_command)
+
+
+for _command in (node_backup, node_restore):  # `cairn node backup|restore`
+    node.add_command(_command)
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from node.deploy.components import Components
 from node.deploy.extract import ExtractLimits
 from node.deploy.hooks import HookGroups
 from node.deploy.runstate import Outcome, ProcessState, ReadyResult
+from node.deploy.space import SpaceGuard, Unguarded
 from storage.blobs import BlobStore
 from storage.errors import BlobMissing
 from storage.faults import NO_FAULTS, Faults
@@ -152,6 +153,8 @@ class DeployContext:
     runner: ComponentRunner = field(default_factory=NoRunner)
     locks: ProjectLocks = field(default_factory=ProjectLocks)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    #: Free space: asked before a step writes (:mod:`node.deploy.pressure`).
+    space: SpaceGuard = field(default_factory=Unguarded)
 
     @property
     def extract_limits(self) -> ExtractLimits:

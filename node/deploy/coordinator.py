@@ -535,7 +535,7 @@ def _failed_code(failed: list[str], results: dict[str, NodeResult]) -> str:
     if len(codes) == 1:
         (code,) = codes
         if code in ("install_failed", "check_failed", "bad_payload", "unsafe_payload",
-                    "payload_gone"):  # fmt: skip
+                    "payload_gone", "insufficient_storage"):  # fmt: skip
             return str(code)
     return "replication_failed"
 

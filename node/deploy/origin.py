@@ -22,6 +22,7 @@ import structlog
 from node.deploy.context import DeployContext
 from node.deploy.coordinator import Coordinator, fail
 from node.deploy.recorder import Recorder
+from node.deploy.space import INSUFFICIENT_STORAGE, is_disk_full
 from node.errors import CairnError, DeployFailed, Gone
 from node.tasks import TaskSet
 from storage.errors import BlobTooLarge, StorageError
@@ -49,6 +50,8 @@ class DeployRequest:
     #: Known up front for a rollback (its source's payload): the row names it at once.
     payload_hash: str | None = None
     payload_size: int | None = None
+    #: What the request says the payload weighs (its body's length), for the space check.
+    size_hint: int | None = None
 
 
 class Origin:
@@ -62,7 +65,17 @@ class Origin:
         return self.ctx.cluster.members() if replicated else [self.ctx.node]
 
     async def create(self, req: DeployRequest) -> tuple[Deployment, Recorder]:
-        """Write the ``pending`` row and its first event. Nothing else is touched."""
+        """Write the ``pending`` row and its first event. Nothing else is touched.
+
+        Raises:
+            DeployFailed: ``insufficient_storage`` (507): the payload would not fit even
+                after reclaiming; no row is written.
+        """
+        if req.kind == "deploy" and req.rollback_of is None:
+            # The payload, and about as much again for its release (checked exactly
+            # before extracting, once the payload is here).
+            hint = req.size_hint or 0
+            await self.ctx.space.admit(2 * hint, blob_bytes=hint, phase="receive")
         now = self.ctx.store.clock.now_ms()
         fields: dict[str, Any] = {
             "deployment_id": str(uuid.uuid4()),
@@ -139,7 +152,7 @@ class Origin:
         except (Exception, asyncio.CancelledError) as e:  # the upload stream broke off
             err = DeployFailed(
                 f"payload upload failed: {type(e).__name__}: {e}"[:1000],
-                code="upload_failed",
+                code=INSUFFICIENT_STORAGE if is_disk_full(e) else "upload_failed",
                 phase="receive",
             )
             await asyncio.shield(self.fail(d, rec, err))

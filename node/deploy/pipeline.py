@@ -24,6 +24,7 @@ from node.deploy.component_config import HookSpec, load_component_config
 from node.deploy.context import DeployContext
 from node.deploy.extract import extract_release
 from node.deploy.hooks import OutputTail, TailDict, run_hook
+from node.deploy.space import extraction_estimate, insufficient, is_disk_full
 from node.errors import DeployFailed
 from storage.errors import BlobCorrupt, BlobMissing, StorageError
 from storage.records import Deployment, NodeStatus
@@ -60,6 +61,7 @@ async def ensure_blob(ctx: DeployContext, d: Deployment, *, verify: bool) -> Non
     if d.payload_hash is None or d.payload_size is None:
         raise DeployFailed("deployment has no payload", code="bad_payload", phase="fetch")
     if not ctx.blobs.has(d.payload_hash):
+        await ctx.space.admit(d.payload_size, blob_bytes=d.payload_size, phase="fetch")
         try:
             await ctx.fetcher.fetch(d.payload_hash, d.payload_size)
         except BlobMissing as e:
@@ -71,6 +73,9 @@ async def ensure_blob(ctx: DeployContext, d: Deployment, *, verify: bool) -> Non
         except BlobCorrupt as e:
             raise DeployFailed(str(e), code="bad_payload", phase="fetch") from e
         except StorageError as e:
+            if is_disk_full(e):
+                ctx.blobs.drop_partial(d.payload_hash)  # a resumable fetch is no use now
+                raise insufficient(f"blob fetch failed: {e}", phase="fetch") from e
             raise DeployFailed(
                 f"blob fetch failed: {e}", code="replication_failed", phase="fetch"
             ) from e
@@ -142,10 +147,19 @@ async def _stage_fresh(
 ) -> TailDict:
     assert d.payload_hash is not None
     await on_step(NodeStatus.EXTRACTING, "extract")
-    ctx.faults.hit("deploy.extract")
-    result = await asyncio.to_thread(
-        extract_release, ctx.blobs.path(d.payload_hash), dest, ctx.extract_limits, ctx.faults
+    blob = ctx.blobs.path(d.payload_hash)
+    need = await asyncio.to_thread(
+        extraction_estimate, blob, d.payload_size or 0, ctx.limits.max_extracted_bytes
     )
+    await ctx.space.admit(need, phase="extract")
+    try:
+        ctx.faults.hit("deploy.extract")
+        result = await asyncio.to_thread(extract_release, blob, dest, ctx.extract_limits,
+                                         ctx.faults)  # fmt: skip
+    except OSError as e:  # the extraction removed what it wrote
+        if is_disk_full(e):
+            raise insufficient(f"the disk filled up while extracting: {e}", phase="extract") from e
+        raise
     log.info(
         "release_extracted", deployment_id=d.deployment_id, files=result.files, bytes=result.bytes
     )

@@ -33,8 +33,11 @@ _AUDIT_TABLES = {
 async def cluster_status(call: Call) -> dict[str, Any]:
     provider = call.services.cluster_status
     if provider is None:
-        return {"node": call.config.node.name, "cluster_id": None, "peers": []}
-    return await provider()
+        answer: dict[str, Any] = {"node": call.config.node.name, "cluster_id": None, "peers": []}
+    else:
+        answer = dict(await provider())
+    answer["storage"] = call.services.ctx.space.status()  # this node's disk (pressure)
+    return answer
 
 
 def _node_name(call: Call) -> str:

@@ -99,6 +99,7 @@ async def deploy_component(call: Call) -> dict[str, Any] | web.StreamResponse:
         or config.limits.deployment_timeout_ms,
         ignore_replication_errors=f.boolean("ignore_replication_errors", default=False),
         rollback_of=rollback_from,
+        size_hint=call.request.content_length,
     )
     source, package = _payload_source(call, req)
     rollback_source: Deployment | None = None

@@ -72,6 +72,21 @@ async def test_concurrent_fetches_share_one_transfer(mesh: Mesh) -> None:
     assert await b.blobs.verify(info.hash)
 
 
+async def test_more_blobs_at_once_than_a_sender_serves_wait_their_turn(mesh: Mesh) -> None:
+    # A node converging many projects at once asks one peer for many blobs: the sender
+    # serves at most max_transfers per subscriber, so the receiver must queue the rest
+    # (asking for more was a protocol error that dropped the channel, forever).
+    a, b = await mesh.add("a", "b")
+    await mesh.start("a", replace(FAST, max_transfers=4))
+    await mesh.start("b", replace(FAST, max_transfers=4))
+    await mesh.connected("a", "b")
+    infos = [await put_blob(a.blobs, os.urandom(100_000 + i)) for i in range(13)]
+    await asyncio.gather(*(b.svc.fetch(i.hash, i.size) for i in infos))
+    for info in infos:
+        assert await b.blobs.verify(info.hash)
+    assert (await peer_status(mesh, "b"))["a"]["disconnects"] == 0
+
+
 async def test_resume_after_interruption_sends_only_the_rest(mesh: Mesh) -> None:
     a, b = await mesh.add("a", "b")
     await mesh.start("a", SLOW)
