@@ -50,6 +50,7 @@ _SAMPLES: dict[str, str] = {"string": "n7", "integer": "7", "number": "7.5", "pa
 #: Values for the keys whose own validation refuses the samples above.
 _VALUES: dict[str, str] = {
     "CAIRN_COMPONENTS_LOG_MAX_BYTES": "4096",
+    "CAIRN_STORAGE_MIN_FREE_RATIO": "0.25",
     "CAIRN_DEPLOY_PACKAGE_ALLOW_HOSTS": "pkg.internal,10.1.2.3",
     "CAIRN_DEPLOY_PACKAGE_ALLOW_NETWORKS": "10.0.0.0/8,fd00::/8",
     "CAIRN_COMPONENTS_ENV": "PORT=8080,MODE=demo",
@@ -68,7 +69,7 @@ def test_every_documented_variable_overrides_its_key(tmp_path: Path) -> None:
         value = getattr(getattr(config, section), name)
         expected: Any = {
             "string": raw, "integer": int(raw) if kind == "integer" else None,
-            "number": 7.5, "path": Path(raw),
+            "number": float(raw) if kind == "number" else None, "path": Path(raw),
             "list of paths": (Path("/a"), Path("/b")),
             "list of strings": tuple(raw.split(",")),
         }[kind]  # fmt: skip
