@@ -76,6 +76,27 @@ class Origin:
             # before extracting, once the payload is here).
             hint = req.size_hint or 0
             await self.ctx.space.admit(2 * hint, blob_bytes=hint, phase="receive")
+        # The row and its first event are written by a task of their own: a client that
+        # hangs up (which cancels its request) in the middle must not leave a row
+        # nobody will ever run; once written, such a row ends failed.
+        creating = self.tasks.spawn(self._create(req), name="deploy-create")
+        try:
+            return await asyncio.shield(creating)
+        except asyncio.CancelledError:
+            self.tasks.spawn(self._abandon(creating), name="deploy-abandoned")
+            raise
+
+    async def _abandon(self, creating: asyncio.Task[tuple[Deployment, Recorder]]) -> None:
+        try:
+            d, rec = await creating
+        except Exception:  # nothing was written (or the store is closing)
+            return
+        err = DeployFailed(
+            "the client went away before the deploy began", code="upload_failed", phase="receive"
+        )
+        await self.fail(d, rec, err)
+
+    async def _create(self, req: DeployRequest) -> tuple[Deployment, Recorder]:
         now = self.ctx.store.clock.now_ms()
         fields: dict[str, Any] = {
             "deployment_id": str(uuid.uuid4()),

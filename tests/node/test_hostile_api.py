@@ -597,3 +597,38 @@ async def test_fuzzed_bodies_never_get_a_500(aiohttp_client: Any, tmp_path: Path
     assert status == 200
     assert statuses.get(200, 0) > 20 and statuses.get(400, 0) > 100, statuses
     assert set(names) <= covered
+
+
+async def test_a_client_gone_while_its_row_is_written_still_ends_the_deploy(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The client hangs up (its request is cancelled) just after the row exists and
+    # before the deploy has a job to run it: the row must still end, failed.
+    store = _services(api).store
+    gate = asyncio.Event()
+    real = store.create_deployment
+
+    async def held(fields: dict[str, Any]) -> Any:
+        d = await real(fields)
+        await gate.wait()
+        return d
+
+    monkeypatch.setattr(store, "create_deployment", held)
+    request = asyncio.ensure_future(
+        _post_multipart(api, {"operation": "deploy_component", "project": "web"}, component())
+    )
+    deadline = asyncio.get_running_loop().time() + 10
+    while not await store.deployments():
+        assert asyncio.get_running_loop().time() < deadline, "no row was written"
+        await asyncio.sleep(0.01)
+    request.cancel()
+    await asyncio.sleep(0.2)  # the server notices the hang-up and cancels the handler
+    gate.set()
+    while True:
+        (row,) = await store.deployments()
+        if row.terminal:
+            break
+        assert asyncio.get_running_loop().time() < deadline, row
+        await asyncio.sleep(0.02)
+    assert str(row.status) == "failed"
+    assert row.error is not None and row.error["code"] == "upload_failed"
