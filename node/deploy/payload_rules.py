@@ -1,0 +1,205 @@
+"""The payload rules of SPEC §7, applied to member headers without touching the disk.
+
+:class:`Rules` takes the headers of :func:`node.deploy.tarheaders.read_headers` in
+archive order and refuses, at the member that breaks it, anything that is not a regular
+file or a directory, a name that is absolute, holds ``..`` or a control character, is
+too long or repeats an earlier one after normalisation (``a/b``, ``a//b``, ``./a/b``,
+``a/./b``), a file where a directory must be or the reverse, and an archive over the
+member, entry or total size limit. Its cost is a few microseconds a member, so a limit is
+reached cheaply. ``docs/payloads.md`` has the reasons for each rule.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+
+from node.deploy.tarheaders import MemberHeader
+from node.deploy.tarstream import show_name, unsafe_payload
+
+__all__ = ["DIRTYPE", "ExtractLimits", "Rules"]
+
+DIRTYPE = b"5"
+_NAME_MAX = 255
+# C0 controls, DEL, and C1 controls as UTF-8 (a terminal may act on U+009B as CSI).
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]|\xc2[\x80-\x9f]")
+_FILE_TYPES = frozenset({b"0", b"\0", b"7"})  # regular, old-style regular, contiguous
+_TYPE_NAMES = {
+    b"1": "hard link",
+    b"2": "symbolic link",
+    b"3": "character device",
+    b"4": "block device",
+    b"6": "FIFO",
+    b"S": "sparse file",
+    b"V": "volume label",
+    b"M": "multi-volume continuation",
+    b"D": "GNU dump directory",
+    b"N": "GNU old long name",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ExtractLimits:
+    """Bounds on what one payload may expand to (SPEC §7 defaults).
+
+    ``max_members`` bounds both the member headers and the entries extraction creates
+    (members plus the directories their paths imply without listing them).
+    """
+
+    max_members: int = 100_000
+    max_total_bytes: int = 16 * 1024**3
+    max_ratio: float = 200.0
+    ratio_floor_bytes: int = 64 * 1024**2
+    max_path_len: int = 4096
+
+
+def _normalise(name: bytes, limits: ExtractLimits) -> bytes:
+    """A member name as a normalised relative path (``b""`` is the root), or refuse it."""
+    if not name:
+        raise unsafe_payload("member with an empty name")
+    if _CONTROL.search(name):
+        raise unsafe_payload(f"member {show_name(name)}: control character in name")
+    if len(name) > limits.max_path_len:
+        raise unsafe_payload(
+            f"member {show_name(name)}: path longer than {limits.max_path_len} bytes"
+        )
+    path = name[:-1] if name.endswith(b"/") else name  # a directory's own slash
+    if (
+        path
+        and len(path) <= _NAME_MAX
+        and path[0] not in b"/."
+        and b"/." not in path
+        and b"//" not in path
+        and not path.endswith(b"/")
+    ):
+        return path  # already normal: the common case, without splitting
+    if name.startswith(b"/"):
+        raise unsafe_payload(f"member {show_name(name)}: absolute path")
+    parts = [p for p in name.split(b"/") if p and p != b"."]
+    if b".." in parts:
+        raise unsafe_payload(f"member {show_name(name)}: '..' in path")
+    if parts and max(map(len, parts)) > _NAME_MAX:
+        raise unsafe_payload(
+            f"member {show_name(name)}: path component longer than {_NAME_MAX} bytes"
+        )
+    return b"/".join(parts)
+
+
+class _Layout:
+    """The tree the archive describes, checked member by member without the disk.
+
+    Paths are kept as 16-byte keyed BLAKE2b digests, so memory stays near 100 bytes an
+    entry whatever the names' length, and a payload cannot aim at a collision.
+    """
+
+    _FILE, _DIR, _IMPLIED = 0, 1, 2
+
+    def __init__(self, max_entries: int) -> None:
+        self._key = os.urandom(16)
+        self._kinds: dict[bytes, int] = {}
+        self._max = max_entries
+        self._last_parent = b""  # a directory known to be in the layout
+        self._root_listed = False
+
+    def _digest(self, path: bytes) -> bytes:
+        return hashlib.blake2b(path, digest_size=16, key=self._key).digest()
+
+    def _new(self, key: bytes, kind: int, name: bytes) -> None:
+        if len(self._kinds) >= self._max:
+            raise unsafe_payload(
+                f"member {show_name(name)}: more than {self._max} files and directories"
+            )
+        self._kinds[key] = kind
+
+    def add(self, path: bytes, is_dir: bool, name: bytes) -> None:
+        """Record member ``name`` at ``path``, or refuse a duplicate or a clash."""
+        if not path:
+            if self._root_listed:
+                raise unsafe_payload(f"member {show_name(name)}: duplicate name")
+            self._root_listed = True
+            return
+        key = self._digest(path)
+        kind = self._kinds.get(key)
+        if kind == self._IMPLIED and is_dir:
+            self._kinds[key] = self._DIR  # listed after a member inside it: fine
+            return
+        if kind is not None:
+            if kind == self._IMPLIED:
+                raise unsafe_payload(f"member {show_name(name)}: a directory with this name exists")
+            raise unsafe_payload(f"member {show_name(name)}: duplicate name")
+        self._new(key, self._DIR if is_dir else self._FILE, name)
+        parent = top = path.rpartition(b"/")[0]
+        if parent == self._last_parent:
+            return
+        # Walk up until a directory already in the layout; each step adds an entry, so
+        # the walk costs at most one digest per entry over the whole archive.
+        while parent:
+            pkey = self._digest(parent)
+            pkind = self._kinds.get(pkey)
+            if pkind is None:
+                self._new(pkey, self._IMPLIED, name)
+            elif pkind == self._FILE:
+                raise unsafe_payload(
+                    f"member {show_name(name)}: {show_name(parent)} is not a directory"
+                )
+            else:
+                break
+            parent = parent.rpartition(b"/")[0]
+        self._last_parent = top
+
+
+class Rules:
+    """SPEC §7 applied to each member header in archive order; touches no disk."""
+
+    def __init__(self, limits: ExtractLimits) -> None:
+        self.limits = limits
+        self.members = 0
+        self.files = 0
+        self.bytes = 0
+        self.root: bytes | None = None  # the one top-level name, while there is one
+        self.many_roots = False
+        self._layout = _Layout(limits.max_members)
+
+    def check(self, h: MemberHeader) -> bytes:
+        """The member's normalised path, or refuse the member.
+
+        Raises:
+            DeployFailed: ``unsafe_payload`` naming the member and the rule.
+        """
+        self.members += 1
+        if self.members > self.limits.max_members:
+            raise unsafe_payload(
+                f"member {show_name(h.name)}: more than {self.limits.max_members} members"
+            )
+        is_dir = h.kind == DIRTYPE
+        if not is_dir and h.kind not in _FILE_TYPES:
+            what = _TYPE_NAMES.get(h.kind, f"member type {h.kind!r}")
+            raise unsafe_payload(f"member {show_name(h.name)}: {what} is not allowed")
+        if h.link:  # GNU tar and tarfile ignore it; some readers make a hard link of it
+            raise unsafe_payload(f"member {show_name(h.name)}: link target on a non-link member")
+        if not is_dir and h.name.endswith(b"/"):  # GNU tar makes a directory, tarfile a file
+            raise unsafe_payload(f"member {show_name(h.name)}: file name ends with '/'")
+        path = _normalise(h.name, self.limits)
+        if is_dir:
+            if h.size:  # GNU tar skips a directory's data, tarfile reads it as headers
+                raise unsafe_payload(f"member {show_name(h.name)}: directory with data")
+        elif not path:
+            raise unsafe_payload(f"member {show_name(h.name)}: the archive root is not a directory")
+        elif self.bytes + h.size > self.limits.max_total_bytes:
+            raise unsafe_payload(
+                f"member {show_name(h.name)}: extracted size exceeds"
+                f" {self.limits.max_total_bytes} bytes"
+            )
+        else:
+            self.files += 1
+            self.bytes += h.size
+        self._layout.add(path, is_dir, h.name)
+        if path:
+            top = path.partition(b"/")[0]
+            if self.root is None:
+                self.root = top
+            elif top != self.root:
+                self.many_roots = True
+        return path
