@@ -244,9 +244,13 @@ class _Extensions:
         if size > MAX_EXT_HEADER:
             raise unsafe_payload(f"extended header of {size} bytes in {src.where} is too large")
         data = src.read(size)
-        if len(data) < size:
+        padding = src.read(-size % BLOCK_SIZE)
+        if len(data) < size or len(padding) < -size % BLOCK_SIZE:
             raise bad_payload(f"archive is truncated in an extended header ({src.where})")
-        src.skip(-size % BLOCK_SIZE)
+        if padding.strip(b"\0"):
+            # tarfile parses the padding as more pax records, and GNU tar and tarfile
+            # read a long name on to its first NUL; only NULs keep them to the data.
+            raise bad_payload(f"data in the padding of an extended header ({src.where})")
         if kind == _GLOBAL:
             self._global(data, src)
             return

@@ -355,6 +355,12 @@ def _crafted(out: Path, canary: Path) -> list[Case]:
     case("gnu_longlink_on_file", gnu_long(b"/etc", b"K") + ok + END, _U, "link target")
     both_k = gnu_long(b"/a", b"K") + pax([(b"linkpath", b"/b")]) + symlink + END
     case("gnu_longlink_and_pax_linkpath", both_k, _B, "both a GNU long link")
+    hidden_records = pax_records([(b"path", b"pp")])
+    in_padding = (hidden_records + pax_records([(b"path", b"evil")])).ljust(512, b"\0")
+    raw = header(b"./PaxHeaders/f", size=len(hidden_records), kind=b"x") + in_padding
+    case("pax_records_in_padding", raw + _file(b"u") + END, _B, "padding of an extended")
+    long_padding = header(b"././@LongLink", size=3, kind=b"L") + b"abcdefgh".ljust(512, b"\0")
+    case("gnu_longname_in_padding", long_padding + _file(b"u") + END, _B, "padding of an extended")
     short_ext = header(b"./PaxHeaders/f", size=2000, kind=b"x") + data(b"x" * 600)
     case("ext_header_truncated", ok + short_ext, _B, "truncated")
 

@@ -114,6 +114,8 @@ HOSTILE = [
     "gnu_longlink_on_file",
     "gnu_longlink_and_pax_linkpath",
     "ext_header_truncated",
+    "pax_records_in_padding",
+    "gnu_longname_in_padding",
     "prefix_gnu_magic",
     "prefix_v7",
     "prefix_traversal",
