@@ -235,6 +235,7 @@ class _Extensions:
 
     def __init__(self, max_pax_records: int) -> None:
         self.pending: _Pending | None = None
+        self.after_global = False  # a global header waits for its member
         self.global_mtime: bytes | None = None
         self._globals = 0
         self._records_left = max_pax_records
@@ -288,6 +289,7 @@ class _Extensions:
             if key in records:
                 raise unsafe_payload(f"global pax header sets {key.decode()!r} ({src.where})")
         self.global_mtime = records.get(b"mtime", self.global_mtime)
+        self.after_global = True
 
 
 def read_headers(src: TarStream, max_pax_records: int) -> Iterator[MemberHeader]:
@@ -317,7 +319,9 @@ def read_headers(src: TarStream, max_pax_records: int) -> Iterator[MemberHeader]
                 raise bad_payload("payload is not a tar or tar.gz archive")
             raise bad_payload("archive is truncated (no end-of-archive marker)")
         if block == _ZERO_BLOCK:
-            if ext.pending is not None:
+            # tarfile reads the header after any extended one, global too, and fails
+            # at the end of the archive; GNU tar does not.
+            if ext.pending is not None or ext.after_global:
                 raise bad_payload("archive ends after an extended header")
             return
         try:
@@ -332,7 +336,7 @@ def read_headers(src: TarStream, max_pax_records: int) -> Iterator[MemberHeader]
             ext.read(kind, size, src)
             continue
         header = _member(block, kind, mode, size, mtime, ext.pending, ext.global_mtime, src)
-        ext.pending = None
+        ext.pending, ext.after_global = None, False
         src.member = header.name
         yield header
         src.members += 1

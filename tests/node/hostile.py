@@ -319,6 +319,8 @@ def _crafted(out: Path, canary: Path) -> list[Case]:
         case(f"pax_record_{name}", pax(body) + _file(b"u") + END, _B, "malformed pax header")
     case("pax_record_no_equals", pax(b"8 pathp\n") + _file(b"u") + END, _B, "malformed pax record")
     case("pax_at_end", ok + pax([(b"path", b"p")]) + END, _B, "ends after an extended header")
+    global_at_end = ok + pax([(b"comment", b"c")], kind=b"g") + END  # found by the fuzz test
+    case("pax_global_at_end", global_at_end, _B, "ends after an extended header")
     between = pax([(b"path", b"p")]) + pax([(b"comment", b"c")], kind=b"g") + _file(b"u") + END
     case("pax_global_between", between, _B, "global pax header between")
     globals_ = pax([(b"comment", b"c")], kind=b"g") * 17 + ok + END

@@ -95,6 +95,7 @@ HOSTILE = [
     "pax_record_no_digits",
     "pax_record_no_equals",
     "pax_at_end",
+    "pax_global_at_end",
     "pax_global_between",
     "pax_too_many_globals",
     "pax_too_many_records",
