@@ -131,16 +131,22 @@ class _Tree:
         if fd is not None:
             self._cache.move_to_end(path)
             return fd
+        # Walk up to the nearest directory that is cached or exists, then create down.
         missing: list[bytes] = []
-        parent: bytes = path
-        found: int | None = None
+        parent = path
+        fd = self._root_fd
         while parent:
+            cached = self._cache.get(parent)
+            if cached is not None:
+                self._cache.move_to_end(parent)
+                fd = cached
+                break
             found = self._open_ours(parent, name)
             if found is not None:
+                fd = self._remember(parent, found)
                 break
             missing.append(parent)
             parent = parent.rpartition(b"/")[0]
-        fd = self._remember(parent, found) if found is not None else self._root_fd
         for level in reversed(missing):
             leaf = level.rpartition(b"/")[2]
             os.mkdir(leaf, 0o700, dir_fd=fd)

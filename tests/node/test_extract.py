@@ -427,3 +427,18 @@ def test_sweep_temp_removes_crash_leftovers(tmp_path: Path) -> None:
     assert sorted(p.name for p in removed) == [".tmp-link", ".tmp-rel-abc"]
     assert os.listdir(tmp_path) == ["keep"]
     assert sweep_temp(tmp_path / "missing") == []
+
+
+def test_no_descriptor_is_left_open(tmp_path: Path) -> None:
+    """Directories revisited in rotating order, more of them than the descriptor cache."""
+    members = []
+    for i in range(400):
+        members.append(file_member(f"r/a{i % 40}/b/c/f{i}"))
+        members.append(file_member(f"r/a{(i * 7) % 40}/g{i}"))
+    blob = write_tar(tmp_path / "p.tar.gz", members)
+    before = sorted(os.listdir("/proc/self/fd"))
+
+    result = extract_release(blob, tmp_path / "rel")
+
+    assert result.files == 800
+    assert sorted(os.listdir("/proc/self/fd")) == before
