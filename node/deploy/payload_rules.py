@@ -19,10 +19,14 @@ from dataclasses import dataclass
 from node.deploy.tarheaders import MemberHeader
 from node.deploy.tarstream import show_name, unsafe_payload
 
-__all__ = ["DIRTYPE", "ExtractLimits", "Rules"]
+__all__ = ["DIRTYPE", "MAX_DEPTH", "ExtractLimits", "Rules"]
 
 DIRTYPE = b"5"
 _NAME_MAX = 255
+# Path components per member. Python 3.11's shutil.rmtree and os.walk recurse once per
+# level and fail near 1000 levels (a 4096-byte path allows 2048), which would leave a
+# release that can never be removed; no real tree comes near 256.
+MAX_DEPTH = 256
 # C0 controls, DEL, and C1 controls as UTF-8 (a terminal may act on U+009B as CSI).
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]|\xc2[\x80-\x9f]")
 _FILE_TYPES = frozenset({b"0", b"\0", b"7"})  # regular, old-style regular, contiguous
@@ -73,6 +77,7 @@ def _normalise(name: bytes, limits: ExtractLimits) -> bytes:
         and b"/." not in path
         and b"//" not in path
         and not path.endswith(b"/")
+        and path.count(b"/") < MAX_DEPTH
     ):
         return path  # already normal: the common case, without splitting
     if name.startswith(b"/"):
@@ -84,6 +89,8 @@ def _normalise(name: bytes, limits: ExtractLimits) -> bytes:
         raise unsafe_payload(
             f"member {show_name(name)}: path component longer than {_NAME_MAX} bytes"
         )
+    if len(parts) > MAX_DEPTH:
+        raise unsafe_payload(f"member {show_name(name)}: more than {MAX_DEPTH} path components")
     return b"/".join(parts)
 
 

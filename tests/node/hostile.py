@@ -395,6 +395,8 @@ def _crafted(out: Path, canary: Path) -> list[Case]:
     case("duplicate_via_pax", via_pax, _U, "duplicate")
     case("duplicate_root", _dir(b".") + _dir(b"./") + END, _U, "duplicate")
     case("dir_under_file", _file(b"a") + _dir(b"a/b") + END, _U, "not a directory")
+    too_deep = gnu_long(b"d/" * 256 + b"f") + _file(b"x") + END  # 257 components
+    case("too_deep", too_deep, _U, "more than 256 path components")
     deep = _file(b"/".join([b"d"] * 12)) + END
     case("implied_entries_over_limit", deep, _U, "files and directories", MEMBERS_10)
 

@@ -357,6 +357,7 @@ def arena(tmp_path_factory: pytest.TempPathFactory) -> Path:
 _runs = count()
 
 
+@pytest.mark.timeout(120 + EXAMPLES)  # one test runs every example: a soak needs more
 @FUZZ
 @given(blob=_archives())
 def test_mutated_archive_is_extracted_safely_or_refused(arena: Path, blob: bytes) -> None:
