@@ -11,8 +11,6 @@ reached cheaply. ``docs/payloads.md`` has the reasons for each rule.
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
 from dataclasses import dataclass
 
@@ -29,6 +27,9 @@ _NAME_MAX = 255
 MAX_DEPTH = 256
 # C0 controls, DEL, and C1 controls as UTF-8 (a terminal may act on U+009B as CSI).
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]|\xc2[\x80-\x9f]")
+# Bytes that may start a control character: one search over the name, the exact
+# pattern only if it finds one (U+00A0 to U+00FF also start with 0xC2).
+_SUSPECT = re.compile(rb"[\x00-\x1f\x7f\xc2]")
 _FILE_TYPES = frozenset({b"0", b"\0", b"7"})  # regular, old-style regular, contiguous
 _TYPE_NAMES = {
     b"1": "hard link",
@@ -69,17 +70,6 @@ def _normalise(name: bytes, limits: ExtractLimits) -> bytes:
         raise unsafe_payload(
             f"member {show_name(name)}: path longer than {limits.max_path_len} bytes"
         )
-    path = name[:-1] if name.endswith(b"/") else name  # a directory's own slash
-    if (
-        path
-        and len(path) <= _NAME_MAX
-        and path[0] not in b"/."
-        and b"/." not in path
-        and b"//" not in path
-        and not path.endswith(b"/")
-        and path.count(b"/") < MAX_DEPTH
-    ):
-        return path  # already normal: the common case, without splitting
     if name.startswith(b"/"):
         raise unsafe_payload(f"member {show_name(name)}: absolute path")
     parts = [p for p in name.split(b"/") if p and p != b"."]
@@ -97,23 +87,21 @@ def _normalise(name: bytes, limits: ExtractLimits) -> bytes:
 class _Layout:
     """The tree the archive describes, checked member by member without the disk.
 
-    Paths are kept as 16-byte keyed BLAKE2b digests, so memory stays near 100 bytes an
-    entry whatever the names' length, and a payload cannot aim at a collision.
+    Paths are kept as their ``hash()`` (SipHash, keyed per process), so memory stays
+    near 100 bytes an entry whatever the names' length. A collision could only refuse an
+    archive, or let a clash through to the writing pass, whose ``O_EXCL`` creation and
+    inode checks refuse it there: what lands on disk never depends on this model.
     """
 
     _FILE, _DIR, _IMPLIED = 0, 1, 2
 
     def __init__(self, max_entries: int) -> None:
-        self._key = os.urandom(16)
-        self._kinds: dict[bytes, int] = {}
+        self._kinds: dict[int, int] = {}
         self._max = max_entries
         self._last_parent = b""  # a directory known to be in the layout
         self._root_listed = False
 
-    def _digest(self, path: bytes) -> bytes:
-        return hashlib.blake2b(path, digest_size=16, key=self._key).digest()
-
-    def _new(self, key: bytes, kind: int, name: bytes) -> None:
+    def _new(self, key: int, kind: int, name: bytes) -> None:
         if len(self._kinds) >= self._max:
             raise unsafe_payload(
                 f"member {show_name(name)}: more than {self._max} files and directories"
@@ -127,7 +115,7 @@ class _Layout:
                 raise unsafe_payload(f"member {show_name(name)}: duplicate name")
             self._root_listed = True
             return
-        key = self._digest(path)
+        key = hash(path)
         kind = self._kinds.get(key)
         if kind == self._IMPLIED and is_dir:
             self._kinds[key] = self._DIR  # listed after a member inside it: fine
@@ -136,14 +124,17 @@ class _Layout:
             if kind == self._IMPLIED:
                 raise unsafe_payload(f"member {show_name(name)}: a directory with this name exists")
             raise unsafe_payload(f"member {show_name(name)}: duplicate name")
-        self._new(key, self._DIR if is_dir else self._FILE, name)
+        kinds = self._kinds
+        if len(kinds) >= self._max:
+            self._new(key, self._FILE, name)  # raises
+        kinds[key] = self._DIR if is_dir else self._FILE
         parent = top = path.rpartition(b"/")[0]
         if parent == self._last_parent:
             return
         # Walk up until a directory already in the layout; each step adds an entry, so
-        # the walk costs at most one digest per entry over the whole archive.
+        # the walk costs at most one hash per entry over the whole archive.
         while parent:
-            pkey = self._digest(parent)
+            pkey = hash(parent)
             pkind = self._kinds.get(pkey)
             if pkind is None:
                 self._new(pkey, self._IMPLIED, name)
@@ -168,6 +159,10 @@ class Rules:
         self.root: bytes | None = None  # the one top-level name, while there is one
         self.many_roots = False
         self._layout = _Layout(limits.max_members)
+        self._max_members = limits.max_members
+        self._max_bytes = limits.max_total_bytes
+        self._plain_len = min(_NAME_MAX, limits.max_path_len)  # bounds depth and parts
+        self._under_root = b"/"  # no normalised path starts with it
 
     def check(self, h: MemberHeader) -> bytes:
         """The member's normalised path, or refuse the member.
@@ -176,37 +171,51 @@ class Rules:
             DeployFailed: ``unsafe_payload`` naming the member and the rule.
         """
         self.members += 1
-        if self.members > self.limits.max_members:
+        if self.members > self._max_members:
             raise unsafe_payload(
-                f"member {show_name(h.name)}: more than {self.limits.max_members} members"
+                f"member {show_name(h.name)}: more than {self._max_members} members"
             )
-        is_dir = h.kind == DIRTYPE
-        if not is_dir and h.kind not in _FILE_TYPES:
-            what = _TYPE_NAMES.get(h.kind, f"member type {h.kind!r}")
-            raise unsafe_payload(f"member {show_name(h.name)}: {what} is not allowed")
+        kind, name = h.kind, h.name
+        is_dir = kind == DIRTYPE
+        if not is_dir and kind not in _FILE_TYPES:
+            what = _TYPE_NAMES.get(kind, f"member type {kind!r}")
+            raise unsafe_payload(f"member {show_name(name)}: {what} is not allowed")
         if h.link:  # GNU tar and tarfile ignore it; some readers make a hard link of it
-            raise unsafe_payload(f"member {show_name(h.name)}: link target on a non-link member")
-        if not is_dir and h.name.endswith(b"/"):  # GNU tar makes a directory, tarfile a file
-            raise unsafe_payload(f"member {show_name(h.name)}: file name ends with '/'")
-        path = _normalise(h.name, self.limits)
+            raise unsafe_payload(f"member {show_name(name)}: link target on a non-link member")
+        if not name:
+            raise unsafe_payload("member with an empty name")
+        slash = name[-1] == 0x2F
+        if slash and not is_dir:  # GNU tar makes a directory of it, tarfile a file
+            raise unsafe_payload(f"member {show_name(name)}: file name ends with '/'")
+        # The common case, already normal, checked with few calls; anything else (a
+        # "." or ".." or empty component, a long name) goes through _normalise.
+        path = name[:-1] if slash else name
+        parts = path.split(b"/")
+        if (
+            len(path) > self._plain_len
+            or b"" in parts
+            or b"." in parts
+            or b".." in parts
+            or (_SUSPECT.search(path) is not None and _CONTROL.search(path) is not None)
+        ):
+            path = _normalise(name, self.limits)
         if is_dir:
             if h.size:  # GNU tar skips a directory's data, tarfile reads it as headers
-                raise unsafe_payload(f"member {show_name(h.name)}: directory with data")
+                raise unsafe_payload(f"member {show_name(name)}: directory with data")
         elif not path:
-            raise unsafe_payload(f"member {show_name(h.name)}: the archive root is not a directory")
-        elif self.bytes + h.size > self.limits.max_total_bytes:
+            raise unsafe_payload(f"member {show_name(name)}: the archive root is not a directory")
+        elif self.bytes + h.size > self._max_bytes:
             raise unsafe_payload(
-                f"member {show_name(h.name)}: extracted size exceeds"
-                f" {self.limits.max_total_bytes} bytes"
+                f"member {show_name(name)}: extracted size exceeds {self._max_bytes} bytes"
             )
         else:
             self.files += 1
             self.bytes += h.size
-        self._layout.add(path, is_dir, h.name)
-        if path:
+        self._layout.add(path, is_dir, name)
+        if path and not self.many_roots and not path.startswith(self._under_root):
             top = path.partition(b"/")[0]
             if self.root is None:
-                self.root = top
+                self.root, self._under_root = top, top + b"/"
             elif top != self.root:
                 self.many_roots = True
         return path

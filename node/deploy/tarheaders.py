@@ -9,11 +9,11 @@ is refused instead of picking a side (``docs/payloads.md`` lists every case).
 
 from __future__ import annotations
 
-import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
+from zlib import adler32
 
 from node.deploy.tarstream import BLOCK_SIZE, TarStream, bad_payload, show_name, unsafe_payload
 from node.errors import DeployFailed
@@ -31,31 +31,30 @@ _AREGTYPE, _DIRTYPE, _SPARSE = b"\0", b"5", b"S"
 # Keys that change what is read or where it goes; a global header may not set them.
 _GLOBAL_REFUSED = (b"path", b"linkpath", b"size")
 
-# Tables for byte_sum: each byte halved, and each byte's low bit.
-_HALF = bytes(i >> 1 for i in range(256))
-_LOW_BIT = bytes(i & 1 for i in range(256))
+# Each byte's high bit, to count the bytes a signed checksum reads as negative.
 _HIGH_BIT = bytes(i >> 7 for i in range(256))
+# Octal digits as "0", NUL and space as themselves, anything else as "x": a numeric
+# field in the canonical layout translates to a fixed template.
+_OCTAL_SHAPE = bytes(
+    0x30 if chr(i) in "01234567" else i if i in (0, 0x20) else 0x78 for i in range(256)
+)
 
 
 def byte_sum(data: bytes) -> int:
-    """``sum(data)`` for at most 516 bytes, at C speed.
+    """``sum(data)`` for at most 512 bytes, at C speed.
 
-    adler32's low half is 1 + the byte sum modulo 65521: exact while at most 256 bytes
-    are non-zero (a header's usual case). Otherwise the halved bytes and the low bits
-    are summed separately, which keeps both sums below the modulus.
+    adler32's low half is 1 + the byte sum modulo 65521, which is exact for up to 256
+    bytes (at most 65280); the two halves are summed separately.
     """
-    if data.count(0) >= len(data) - 256:
-        return (zlib.adler32(data) & 0xFFFF) - 1
-    halves = (zlib.adler32(data.translate(_HALF)) & 0xFFFF) - 1
-    lows = (zlib.adler32(data.translate(_LOW_BIT)) & 0xFFFF) - 1
-    return 2 * halves + lows
+    return (zlib.adler32(data[:256]) & 0xFFFF) + (zlib.adler32(data[256:]) & 0xFFFF) - 2
 
 
 class MemberHeader(NamedTuple):
     """One member, with its extended headers applied, as GNU tar and tarfile both read it.
 
-    A named tuple rather than a frozen dataclass: one is built per member, and it is
-    several times cheaper to build, which matters for the member limit's cost.
+    A named tuple rather than a frozen dataclass, and ``mode`` and ``mtime`` parsed only
+    when asked for: one is built per member, and the member limit must be cheap to
+    reach (the fields were checked when the header was read).
 
     Attributes:
         kind: the type flag; an old-style regular file whose name ends in ``/`` is
@@ -63,18 +62,29 @@ class MemberHeader(NamedTuple):
         name: the raw path: the pax ``path``, else the GNU long name, else
             ``prefix/name`` (the prefix only under POSIX ustar magic).
         size: bytes of data that follow the header (the pax ``size`` if given).
-        mode: the mode bits from the header.
-        mtime: the pax ``mtime`` (own, else global), else the header's.
         link: the link target if the member names one (``linkname``, a GNU ``K`` long
             link or a pax ``linkpath``), else ``b""``.
+        block: the member's 512-byte header.
+        pax_mtime: the pax ``mtime`` text (own, else global), if any.
     """
 
     kind: bytes
     name: bytes
     size: int
-    mode: int
-    mtime: float
     link: bytes
+    block: bytes
+    pax_mtime: bytes | None
+
+    @property
+    def mode(self) -> int:
+        """The mode bits from the header."""
+        return _number(self.block[100:108]) or 0
+
+    @property
+    def mtime(self) -> float:
+        """The pax ``mtime`` if it is a number, else the header's."""
+        header = _number(self.block[136:148]) or 0
+        return _mtime(self.pax_mtime, header)
 
 
 def _number(field: bytes) -> int | None:
@@ -110,7 +120,7 @@ def _checksum_ok(block: bytes, recorded: int) -> bool:
     Both sums count the checksum field as eight spaces.
     """
     field = block[148:156]
-    unsigned = byte_sum(block) - sum(field) + 8 * 0x20
+    unsigned = byte_sum(block) - ((zlib.adler32(field) & 0xFFFF) - 1) + 8 * 0x20
     if recorded == unsigned:
         return True
     high = (zlib.adler32(block.translate(_HIGH_BIT)) & 0xFFFF) - 1 - sum(b >> 7 for b in field)
@@ -118,13 +128,10 @@ def _checksum_ok(block: bytes, recorded: int) -> bool:
 
 
 # The numbers as GNU tar, tarfile, libarchive and Go write them: zero-padded octal,
-# NUL-ended, the checksum followed by a space; devmajor/devminor may be all NUL.
-_CANONICAL = re.compile(
-    rb"[0-7]{7}\0[0-7]{7}\0[0-7]{7}\0[0-7]{11}\0[0-7]{11}\0[0-7]{6}\0 "  # mode .. chksum
-    rb".{173}"  # type, linkname, magic, version, uname, gname
-    rb"(?:\0{16}|[0-7]{7}\0[0-7]{7}\0)",  # devmajor, devminor
-    re.DOTALL,
-)
+# NUL-ended, the checksum followed by a space (mode .. chksum, as _OCTAL_SHAPE shows
+# them); devmajor and devminor likewise, or all NUL.
+_CANONICAL = b"0000000\0" * 3 + b"00000000000\0" * 2 + b"000000\0 "
+_CANONICAL_DEV = (b"0000000\0" * 2, bytes(16))
 _NUMBERS = (
     ("mode", 100, 108),
     ("uid", 108, 116),
@@ -136,29 +143,41 @@ _NUMBERS = (
 )
 
 
-def _header_numbers(block: bytes, src: TarStream) -> tuple[int, int, int]:
-    """Check the block's checksum and numbers; return its mode, size and mtime.
+def _header_size(block: bytes, src: TarStream) -> int:
+    """Check the block's checksum and numbers; return the size it declares.
 
-    Every numeric field is checked, not only the used ones: tarfile refuses a header
-    with any malformed number, so accepting one would read further than it does.
+    Every numeric field is checked, not only the size: tarfile refuses a header with any
+    malformed number, so accepting one would read further than it does.
     """
-    if _CANONICAL.fullmatch(block, 100, 345):
-        if not _checksum_ok(block, int(block[148:154], 8)):
+    if (
+        block[100:156].translate(_OCTAL_SHAPE) == _CANONICAL
+        and block[329:345].translate(_OCTAL_SHAPE) in _CANONICAL_DEV
+    ):
+        # The unsigned sum with the checksum field as eight spaces, from three runs of
+        # at most 256 bytes (see byte_sum); _checksum_ok only for the signed variant.
+        adler = zlib.adler32
+        unsigned = (
+            (adler(block[:148]) & 0xFFFF)
+            + (adler(block[156:256]) & 0xFFFF)
+            + (adler(block[256:]) & 0xFFFF)
+            + (8 * 0x20 - 3)
+        )
+        recorded = int(block[148:154], 8)
+        if recorded != unsigned and not _checksum_ok(block, recorded):
             raise bad_payload(f"bad checksum in {src.where}")
-        return int(block[100:107], 8), int(block[124:135], 8), int(block[136:147], 8)
-    recorded = _number(block[148:156])
-    if recorded is None or not _checksum_ok(block, recorded):
+        return int(block[124:135], 8)
+    recorded_or_none = _number(block[148:156])
+    if recorded_or_none is None or not _checksum_ok(block, recorded_or_none):
         raise bad_payload(f"bad checksum in {src.where}")
-    values = []
+    values = {}
     for field, start, end in _NUMBERS:
         value = _number(block[start:end])
         if value is None:
             raise bad_payload(f"malformed {field} field in {src.where}")
-        values.append(value)
-    mode, _, _, size, mtime, _, _ = values
-    if size < 0:  # base-256 sizes can be negative; it would undercount bytes
+        values[field] = value
+    if values["size"] < 0:  # base-256 sizes can be negative; it would undercount bytes
         raise bad_payload(f"negative size in {src.where}")
-    return mode, size, mtime
+    return values["size"]
 
 
 def _cstring(data: bytes, what: str, src: TarStream) -> bytes:
@@ -324,18 +343,43 @@ def read_headers(src: TarStream, max_pax_records: int) -> Iterator[MemberHeader]
             if ext.pending is not None or ext.after_global:
                 raise bad_payload("archive ends after an extended header")
             return
-        try:
-            mode, size, mtime = _header_numbers(block, src)
-        except DeployFailed as e:
-            if first:
-                raise bad_payload("payload is not a tar or tar.gz archive") from e
-            raise
+        # The common case inline, because every call counts towards the member limit's
+        # cost: the numbers in the canonical layout and the unsigned checksum right
+        # (the three runs around the checksum field sum exactly, see byte_sum). Anything
+        # else goes through _header_size, which checks every field and names the fault.
+        if (
+            block[100:156].translate(_OCTAL_SHAPE) == _CANONICAL
+            and block[329:345].translate(_OCTAL_SHAPE) in _CANONICAL_DEV
+            and block[148:154]
+            == b"%06o"
+            % (
+                (adler32(block[:148]) & 0xFFFF)
+                + (adler32(block[156:256]) & 0xFFFF)
+                + (adler32(block[256:]) & 0xFFFF)
+                + (8 * 0x20 - 3)
+            )
+        ):
+            size = int(block[124:135], 8)
+        else:
+            try:
+                size = _header_size(block, src)
+            except DeployFailed as e:
+                if first:
+                    raise bad_payload("payload is not a tar or tar.gz archive") from e
+                raise
         first = False
         kind = block[156:157]
         if kind in _EXTENDED:
             ext.read(kind, size, src)
             continue
-        header = _member(block, kind, mode, size, mtime, ext.pending, ext.global_mtime, src)
+        if ext.pending is None and not block[157] and not block[345] and kind != _AREGTYPE:
+            # No extended header, link, prefix or old-style type: the name field alone.
+            name = block[:100].rstrip(b"\0")
+            if 0 in name:
+                name = name[: name.index(0)]
+            header = _new_header(MemberHeader, (kind, name, size, b"", block, ext.global_mtime))
+        else:
+            header = _member(block, kind, size, ext.pending, ext.global_mtime, src)
         ext.pending, ext.after_global = None, False
         src.member = header.name
         yield header
@@ -343,29 +387,35 @@ def read_headers(src: TarStream, max_pax_records: int) -> Iterator[MemberHeader]
         src.member = None
 
 
+def _field(field: bytes) -> bytes:
+    """A string field up to its first NUL, as both readers read it."""
+    text = field.rstrip(b"\0")
+    return text[: text.index(0)] if 0 in text else text
+
+
 def _member(
     block: bytes,
     kind: bytes,
-    mode: int,
     size: int,
-    mtime: int,
     pending: _Pending | None,
     global_mtime: bytes | None,
     src: TarStream,
 ) -> MemberHeader:
     """Fold the pending extended headers into the member's own header."""
-    field_name = block[:100].partition(b"\0")[0]
+    field_name = block[:100].rstrip(b"\0")
+    if 0 in field_name:
+        field_name = field_name[: field_name.index(0)]
     name = field_name
-    link = block[157:257].partition(b"\0")[0] if block[157] else b""
+    link = _field(block[157:257]) if block[157] else b""
     if block[345] and kind != _SPARSE:
-        prefix = block[345:500].partition(b"\0")[0]
+        prefix = _field(block[345:500])
         if block[257:263] != b"ustar\0":
             # GNU tar reads a prefix only under POSIX magic; tarfile under any.
             raise bad_payload(f"prefix field in a non-POSIX header ({src.where})")
         name = prefix + b"/" + field_name
-    pax: dict[bytes, bytes] = {}
+    pax_mtime = global_mtime
     if pending is not None:
-        pax = pending.pax or pax
+        pax = pending.pax or {}
         if pending.long_name is not None:
             if b"path" in pax:  # GNU tar takes the pax path, tarfile the outer of the two
                 raise bad_payload(f"both a GNU long name and a pax path in {src.where}")
@@ -378,6 +428,7 @@ def _member(
         link = pax.get(b"linkpath", link)
         if b"size" in pax:
             size = _pax_size(pax[b"size"], size, src)
+        pax_mtime = pax.get(b"mtime", global_mtime)
     if kind == _AREGTYPE:
         # tarfile decides "directory" from the name field alone, GNU tar from the final
         # name; they agree only if both end in "/" or neither does.
@@ -386,6 +437,8 @@ def _member(
             raise bad_payload(f"member {show_name(name)}: ambiguous old-style directory")
         if slash:
             kind = _DIRTYPE
-    mtime_text = pax.get(b"mtime", global_mtime)
-    when = float(mtime) if mtime_text is None else _mtime(mtime_text, mtime)
-    return MemberHeader(kind, name, size, mode, when, link)
+    # tuple.__new__ directly: the named tuple's own __new__ is a Python-level frame.
+    return _new_header(MemberHeader, (kind, name, size, link, block, pax_mtime))
+
+
+_new_header = tuple.__new__
