@@ -124,10 +124,7 @@ class _Layout:
             if kind == self._IMPLIED:
                 raise unsafe_payload(f"member {show_name(name)}: a directory with this name exists")
             raise unsafe_payload(f"member {show_name(name)}: duplicate name")
-        kinds = self._kinds
-        if len(kinds) >= self._max:
-            self._new(key, self._FILE, name)  # raises
-        kinds[key] = self._DIR if is_dir else self._FILE
+        self._new(key, self._DIR if is_dir else self._FILE, name)
         parent = top = path.rpartition(b"/")[0]
         if parent == self._last_parent:
             return

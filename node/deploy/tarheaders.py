@@ -144,30 +144,15 @@ _NUMBERS = (
 
 
 def _header_size(block: bytes, src: TarStream) -> int:
-    """Check the block's checksum and numbers; return the size it declares.
+    """Check the block's checksum and every number field; return the size it declares.
 
-    Every numeric field is checked, not only the size: tarfile refuses a header with any
-    malformed number, so accepting one would read further than it does.
+    The general path, for what :func:`read_headers` does not take inline (numbers not in
+    the canonical layout, a signed checksum, a wrong one). Every numeric field is
+    checked, not only the size: tarfile refuses a header with any malformed number, so
+    accepting one would read further than it does.
     """
-    if (
-        block[100:156].translate(_OCTAL_SHAPE) == _CANONICAL
-        and block[329:345].translate(_OCTAL_SHAPE) in _CANONICAL_DEV
-    ):
-        # The unsigned sum with the checksum field as eight spaces, from three runs of
-        # at most 256 bytes (see byte_sum); _checksum_ok only for the signed variant.
-        adler = zlib.adler32
-        unsigned = (
-            (adler(block[:148]) & 0xFFFF)
-            + (adler(block[156:256]) & 0xFFFF)
-            + (adler(block[256:]) & 0xFFFF)
-            + (8 * 0x20 - 3)
-        )
-        recorded = int(block[148:154], 8)
-        if recorded != unsigned and not _checksum_ok(block, recorded):
-            raise bad_payload(f"bad checksum in {src.where}")
-        return int(block[124:135], 8)
-    recorded_or_none = _number(block[148:156])
-    if recorded_or_none is None or not _checksum_ok(block, recorded_or_none):
+    recorded = _number(block[148:156])
+    if recorded is None or not _checksum_ok(block, recorded):
         raise bad_payload(f"bad checksum in {src.where}")
     values = {}
     for field, start, end in _NUMBERS:
@@ -402,9 +387,7 @@ def _member(
     src: TarStream,
 ) -> MemberHeader:
     """Fold the pending extended headers into the member's own header."""
-    field_name = block[:100].rstrip(b"\0")
-    if 0 in field_name:
-        field_name = field_name[: field_name.index(0)]
+    field_name = _field(block[:100])
     name = field_name
     link = _field(block[157:257]) if block[157] else b""
     if block[345] and kind != _SPARSE:
