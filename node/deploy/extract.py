@@ -1,65 +1,47 @@
-"""Safe streaming extraction of a tar or tar.gz payload into a fresh release directory.
+"""Safe extraction of a tar or tar.gz payload into a fresh release directory.
 
-The archive is read by :mod:`node.deploy.tarstream` rather than by :mod:`tarfile`'s
-extraction code, so that every rule of SPEC §7 is enforced here before a byte reaches the
-disk: regular files and directories only; no absolute paths, ``..``, control characters,
-over-long paths or duplicate names; bounded member count, total size and decompression
-ratio. Files are created with ``O_CREAT|O_EXCL|O_NOFOLLOW`` relative to directory
-descriptors opened with ``O_NOFOLLOW``, inside a private temp directory that is published
-with one rename, so a failure at any point leaves nothing at the destination.
+The archive is read by :mod:`node.deploy.tarstream` and :mod:`node.deploy.tarheaders`,
+never by :mod:`tarfile`'s extraction code, and it is read twice. The first pass applies
+every rule of :mod:`node.deploy.payload_rules` to every header and reads the stream to
+its end without writing anything, so a refused payload costs a header parse per member
+and leaves no trace. Only then does the second pass write: files are created with
+``O_CREAT|O_EXCL|O_NOFOLLOW`` relative to descriptors of directories this extraction
+created itself, inside a private temp directory published with one rename, so a failure
+at any point leaves nothing at the destination. ``docs/payloads.md`` has the rules and
+the reasons.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
-import re
 import shutil
 import stat
-import tarfile
 import tempfile
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
-from node.deploy.tarstream import (
-    BLOCK_SIZE,
-    TarStream,
-    bad_payload,
-    open_stream,
-    read_headers,
-    unsafe_payload,
-)
+from node.deploy.payload_rules import DIRTYPE, ExtractLimits, Rules
+from node.deploy.tarheaders import MemberHeader, read_headers
+from node.deploy.tarstream import BLOCK_SIZE, TarStream, open_stream, show_name, unsafe_payload
 from storage.durable import fsync_path
 from storage.faults import NO_FAULTS, Faults
 
-__all__ = ["ExtractLimits", "ExtractResult", "extract_release", "sweep_temp"]
+__all__ = ["DEFAULT_LIMITS", "ExtractLimits", "ExtractResult", "extract_release", "sweep_temp"]
 
-_NAME_MAX = 255
+DEFAULT_LIMITS = ExtractLimits()
+
 _DIR_CACHE = 16
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_FILE_TYPES = frozenset({tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE})
-_TYPE_NAMES = {
-    tarfile.LNKTYPE: "hard link",
-    tarfile.SYMTYPE: "symbolic link",
-    tarfile.CHRTYPE: "character device",
-    tarfile.BLKTYPE: "block device",
-    tarfile.FIFOTYPE: "FIFO",
-    tarfile.GNUTYPE_SPARSE: "sparse file",
-}
+# Stream bytes allowed beyond the files' data: headers, extended headers and padding.
+_STREAM_BYTES_PER_MEMBER = 8 << 10
+_STREAM_SLACK_BYTES = 16 << 20
+_PAX_RECORDS_PER_MEMBER = 8
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-@dataclass(frozen=True, slots=True)
-class ExtractLimits:
-    """Bounds on what one payload may expand to (SPEC §7 defaults)."""
-
-    max_members: int = 100_000
-    max_total_bytes: int = 16 * 1024**3
-    max_ratio: float = 200.0
-    ratio_floor_bytes: int = 64 * 1024**2
-    max_path_len: int = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,36 +52,43 @@ class ExtractResult:
     flattened: bool
 
 
-def _show(name: str, limit: int = 200) -> str:
-    """A member name for a message: escaped, and bounded (a pax path can be huge)."""
-    text = repr(name)
-    return text if len(text) <= limit else f"{text[:limit]}..."
+def _members(f: BinaryIO, limits: ExtractLimits) -> tuple[TarStream, Iterator[MemberHeader]]:
+    """A stream over ``f`` under the limits, and its member headers."""
+    overhead = limits.max_members * _STREAM_BYTES_PER_MEMBER + _STREAM_SLACK_BYTES
+    src = open_stream(
+        f,
+        max_ratio=limits.max_ratio,
+        ratio_floor_bytes=limits.ratio_floor_bytes,
+        max_bytes=limits.max_total_bytes + overhead,
+    )
+    return src, read_headers(src, limits.max_members * _PAX_RECORDS_PER_MEMBER)
 
 
-def _member_parts(name: str, limits: ExtractLimits) -> tuple[str, ...]:
-    """Normalise a member name to path components (``()`` is the root), or refuse it."""
-    if not name:
-        raise unsafe_payload("member with an empty name")
-    if _CONTROL.search(name):
-        raise unsafe_payload(f"member {_show(name)}: control character in name")
-    if len(name.encode("utf-8", "surrogateescape")) > limits.max_path_len:
-        raise unsafe_payload(f"member {_show(name)}: path longer than {limits.max_path_len}")
-    if name.startswith("/"):
-        raise unsafe_payload(f"member {_show(name)}: absolute path")
-    parts = tuple(p for p in name.split("/") if p not in ("", "."))
-    if ".." in parts:
-        raise unsafe_payload(f"member {_show(name)}: '..' in path")
-    if any(len(p.encode("utf-8", "surrogateescape")) > _NAME_MAX for p in parts):
-        raise unsafe_payload(f"member {_show(name)}: path component longer than {_NAME_MAX} bytes")
-    return parts
+def _check_archive(f: BinaryIO, limits: ExtractLimits) -> None:
+    """The first pass: every rule, every header and the whole stream; writes nothing."""
+    src, headers = _members(f, limits)
+    rules = Rules(limits)
+    for header in headers:
+        rules.check(header)
+        if header.size:
+            src.skip(header.size + (-header.size % BLOCK_SIZE))
+    src.finish()
 
 
 class _Tree:
-    """Creates directories and files under the temp root without following any symlink."""
+    """Creates directories and files under the temp root without following any symlink.
+
+    A directory is only ever entered if this extraction created it (its device and
+    inode are recorded), so a file can land nowhere else. Descriptors of recently used
+    directories are cached by path, so a member costs one lookup in the common case and
+    one path resolution plus a syscall per missing level otherwise.
+    """
 
     def __init__(self, root: Path) -> None:
         self._root_fd = os.open(root, _DIR_FLAGS)
-        self._cache: OrderedDict[tuple[str, ...], int] = OrderedDict()
+        st = os.fstat(self._root_fd)
+        self._ours = {(st.st_dev, st.st_ino)}
+        self._cache: OrderedDict[bytes, int] = OrderedDict()
         self.dirs = 0
 
     def close(self) -> None:
@@ -108,135 +97,112 @@ class _Tree:
         self._cache.clear()
         os.close(self._root_fd)
 
-    def dir_fd(self, parts: tuple[str, ...], member: str) -> int:
-        """A descriptor for directory ``parts``, creating missing levels (mode 0755)."""
-        i = len(parts)
-        while i and parts[:i] not in self._cache:
-            i -= 1
-        fd = self._root_fd
-        if i:
-            fd = self._cache[parts[:i]]
-            self._cache.move_to_end(parts[:i])
-        for j in range(i, len(parts)):
-            fd = self._enter(fd, parts[j], member)
-            self._cache[parts[: j + 1]] = fd
-            if len(self._cache) > _DIR_CACHE:
-                os.close(self._cache.popitem(last=False)[1])
+    def _remember(self, path: bytes, fd: int) -> int:
+        self._cache[path] = fd
+        if len(self._cache) > _DIR_CACHE:
+            os.close(self._cache.popitem(last=False)[1])
         return fd
 
-    def _enter(self, parent: int, name: str, member: str) -> int:
+    def _open_ours(self, path: bytes, name: bytes) -> int | None:
+        """An existing directory this extraction made, or None if ``path`` is missing."""
         try:
-            return os.open(name, _DIR_FLAGS, dir_fd=parent)
+            fd = os.open(path, _DIR_FLAGS, dir_fd=self._root_fd)
         except FileNotFoundError:
-            pass
-        except (NotADirectoryError, OSError) as e:
-            raise unsafe_payload(f"member {_show(member)}: {_show(name)} is not a directory") from e
-        os.mkdir(name, 0o700, dir_fd=parent)
-        fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
-        os.fchmod(fd, 0o755)  # explicit, so the result does not depend on the umask
-        self.dirs += 1
+            return None
+        except OSError as e:
+            if e.errno in (errno.ENOTDIR, errno.ELOOP):
+                raise unsafe_payload(
+                    f"member {show_name(name)}: {show_name(path)} is not a directory"
+                ) from e
+            raise
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) not in self._ours:
+            os.close(fd)
+            raise unsafe_payload(
+                f"member {show_name(name)}: {show_name(path)} is not a directory of this release"
+            )
         return fd
 
-    def create_file(self, parts: tuple[str, ...], member: str) -> int:
-        parent = self.dir_fd(parts[:-1], member)
+    def dir_fd(self, path: bytes, name: bytes) -> int:
+        """A descriptor for directory ``path``, creating missing levels (mode 0755)."""
+        if not path:
+            return self._root_fd
+        fd = self._cache.get(path)
+        if fd is not None:
+            self._cache.move_to_end(path)
+            return fd
+        # Walk up to the nearest directory that is cached or exists, then create down.
+        missing: list[bytes] = []
+        parent = path
+        fd = self._root_fd
+        while parent:
+            cached = self._cache.get(parent)
+            if cached is not None:
+                self._cache.move_to_end(parent)
+                fd = cached
+                break
+            found = self._open_ours(parent, name)
+            if found is not None:
+                fd = self._remember(parent, found)
+                break
+            missing.append(parent)
+            parent = parent.rpartition(b"/")[0]
+        for level in reversed(missing):
+            leaf = level.rpartition(b"/")[2]
+            os.mkdir(leaf, 0o700, dir_fd=fd)
+            fd = os.open(leaf, _DIR_FLAGS, dir_fd=fd)
+            os.fchmod(fd, 0o755)  # explicit, so the result does not depend on the umask
+            st = os.fstat(fd)
+            self._ours.add((st.st_dev, st.st_ino))
+            self.dirs += 1
+            self._remember(level, fd)
+        return fd
+
+    def create_file(self, path: bytes, name: bytes) -> int:
+        parent, _, leaf = path.rpartition(b"/")
+        parent_fd = self.dir_fd(parent, name)
         try:
-            return os.open(parts[-1], _FILE_FLAGS, 0o600, dir_fd=parent)
-        except FileExistsError as e:
-            raise unsafe_payload(
-                f"member {_show(member)}: a directory with this name exists"
-            ) from e
+            return os.open(leaf, _FILE_FLAGS, 0o600, dir_fd=parent_fd)
+        except FileExistsError as e:  # only on a file system that folds case
+            raise unsafe_payload(f"member {show_name(name)}: the name exists already") from e
 
 
-class _Extractor:
-    def __init__(self, src: TarStream, tree: _Tree, limits: ExtractLimits, faults: Faults) -> None:
-        self.src, self.tree, self.limits, self.faults = src, tree, limits, faults
-        self.members = 0
-        self.files = 0
-        self.bytes = 0
-        self.seen: set[tuple[str, ...]] = set()
-        self.roots: set[str] = set()
-
-    def run(self) -> None:
-        for header in read_headers(self.src):
-            self._member(header.info, header.name, header.pax)
-
-    def _member(self, info: tarfile.TarInfo, name: str, pax: Mapping[str, str]) -> None:
-        self.members += 1
-        self.src.where = f"member {_show(name)}"
-        if self.members > self.limits.max_members:
-            raise unsafe_payload(
-                f"member {_show(name)}: more than {self.limits.max_members} members"
-            )
-        kind = info.type
-        if kind == tarfile.AREGTYPE and name.endswith("/"):
-            kind = tarfile.DIRTYPE
-        if kind != tarfile.DIRTYPE and kind not in _FILE_TYPES:
-            what = _TYPE_NAMES.get(kind, f"member type {kind!r}")
-            raise unsafe_payload(f"member {_show(name)}: {what} is not allowed")
-        if kind != tarfile.DIRTYPE and name.endswith("/"):
-            raise unsafe_payload(f"member {_show(name)}: file name ends with '/'")
-        parts = _member_parts(name, self.limits)
-        if parts in self.seen:
-            raise unsafe_payload(f"member {_show(name)}: duplicate name")
-        self.seen.add(parts)
-        size = info.size
-        if "size" in pax:
-            if not pax["size"].isdigit():
-                raise bad_payload(f"member {_show(name)}: malformed pax size")
-            size = int(pax["size"])
-        if kind == tarfile.DIRTYPE:
-            if size:
-                raise unsafe_payload(f"member {_show(name)}: directory with data")
-            if parts:
-                self.tree.dir_fd(parts, name)
-        elif not parts:
-            raise unsafe_payload(f"member {_show(name)}: the archive root is not a directory")
+def _write_archive(f: BinaryIO, tree: _Tree, limits: ExtractLimits, faults: Faults) -> Rules:
+    """The second pass: the same headers and rules again, now writing."""
+    src, headers = _members(f, limits)
+    rules = Rules(limits)
+    for h in headers:
+        path = rules.check(h)
+        if h.kind == DIRTYPE:
+            tree.dir_fd(path, h.name)
         else:
-            self._file(parts, name, size, info, pax)
-        if parts:
-            self.roots.add(parts[0])
-        self.faults.hit("extract.member")
-
-    def _file(
-        self,
-        parts: tuple[str, ...],
-        name: str,
-        size: int,
-        info: tarfile.TarInfo,
-        pax: Mapping[str, str],
-    ) -> None:
-        if self.bytes + size > self.limits.max_total_bytes:
-            raise unsafe_payload(
-                f"member {_show(name)}: extracted size exceeds {self.limits.max_total_bytes} bytes"
-            )
-        fd = self.tree.create_file(parts, name)
-        try:
-            self.src.copy_to(fd, size)
-            self.src.skip(-size % BLOCK_SIZE)
-            os.fchmod(fd, 0o755 if info.mode & 0o111 else 0o644)
+            fd = tree.create_file(path, h.name)
             try:
-                mtime = float(pax["mtime"]) if "mtime" in pax else float(info.mtime)
-                os.utime(fd, (mtime, mtime))
-            except (ValueError, OverflowError, OSError):
-                pass  # a nonsensical mtime is not worth failing a deploy for
-        finally:
-            os.close(fd)
-        self.files += 1
-        self.bytes += size
+                src.copy_to(fd, h.size)
+                os.fchmod(fd, 0o755 if h.mode & 0o111 else 0o644)
+                # A nonsensical mtime is not worth failing a deploy for.
+                with contextlib.suppress(ValueError, OverflowError, OSError):
+                    os.utime(fd, (h.mtime, h.mtime))
+            finally:
+                os.close(fd)
+            src.skip(-h.size % BLOCK_SIZE)
+        faults.hit("extract.member")
+    return rules
 
 
 def extract_release(
     blob_path: Path,
     dest: Path,
-    limits: ExtractLimits = ExtractLimits(),
+    limits: ExtractLimits = DEFAULT_LIMITS,
     faults: Faults = NO_FAULTS,
 ) -> ExtractResult:
     """Extract a tar or tar.gz blob into the new directory ``dest``.
 
-    Synchronous and blocking: run it in a worker thread. The archive is streamed once;
-    members go into a sibling ``.tmp-<name>-*`` directory that is renamed to ``dest`` at
-    the end. If the archive's root holds exactly one directory, that directory becomes
-    ``dest`` (``flattened=True``). File modes are masked to 0755/0644, directories 0755.
+    Synchronous and blocking: run it in a worker thread. The archive is read twice: once
+    to check it whole (nothing is written for a refused payload), once to write it into
+    a sibling ``.tmp-<name>-*`` directory that is renamed to ``dest`` at the end. If the
+    archive's root holds exactly one directory, that directory becomes ``dest``
+    (``flattened=True``). File modes are masked to 0755/0644, directories 0755.
 
     Args:
         blob_path: the stored payload (gzip-compressed or plain tar).
@@ -249,33 +215,33 @@ def extract_release(
         directory was flattened.
 
     Raises:
-        DeployFailed: ``bad_payload`` if the blob is not gzip/tar or is truncated or
-            corrupt; ``unsafe_payload`` if a member breaks a rule (the message names it).
+        DeployFailed: ``bad_payload`` if the blob is not one well-formed gzip/tar
+            archive; ``unsafe_payload`` if a member breaks a rule or the archive a limit
+            (the message names the member and the rule).
         FileExistsError: ``dest`` already exists (a caller bug).
         OSError: the node's own filesystem failed (disk full, permissions).
     """
     if os.path.lexists(dest):
         raise FileExistsError(f"release directory {dest} already exists")
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
-    try:
-        with open(blob_path, "rb", buffering=0) as f:
-            src = open_stream(f, limits.max_ratio, limits.ratio_floor_bytes)
+    with open(blob_path, "rb", buffering=0) as f:
+        _check_archive(f, limits)
+        f.seek(0)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
+        try:
             tree = _Tree(tmp)
             try:
-                ex = _Extractor(src, tree, limits, faults)
-                ex.run()
-                src.drain()
+                rules = _write_archive(f, tree, limits, faults)
             finally:
                 tree.close()
-        root = next(iter(ex.roots)) if len(ex.roots) == 1 else None
-        flatten = root is not None and stat.S_ISDIR(os.lstat(tmp / root).st_mode)
-        faults.hit("extract.before_publish")
-        _publish(tmp, dest, root if flatten else None)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            root = None if rules.many_roots else rules.root
+            flatten = root is not None and stat.S_ISDIR(os.lstat(tmp / os.fsdecode(root)).st_mode)
+            faults.hit("extract.before_publish")
+            _publish(tmp, dest, os.fsdecode(root) if flatten and root is not None else None)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     dirs = tree.dirs - 1 if flatten else tree.dirs
-    return ExtractResult(files=ex.files, dirs=dirs, bytes=ex.bytes, flattened=flatten)
+    return ExtractResult(files=rules.files, dirs=dirs, bytes=rules.bytes, flattened=flatten)
 
 
 def _publish(tmp: Path, dest: Path, root: str | None) -> None:

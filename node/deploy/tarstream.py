@@ -1,47 +1,37 @@
-"""Reading a tar or tar.gz payload as a stream of validated member headers.
+"""Reading a tar or tar.gz payload as a stream of bytes, under resource guards.
 
-Pure reading, no filesystem: :class:`TarStream` hands out the decompressed bytes with the
-decompression-bomb guard applied per chunk, and :func:`read_headers` turns the stream into
-one :class:`MemberHeader` per member, with pax and GNU long-name extended headers folded
-in. Only the 512-byte header decoding is borrowed (:meth:`tarfile.TarInfo.frombuf`). What a
-member may be and where it may go is decided by :mod:`node.deploy.extract`.
+Pure reading, no filesystem. :class:`TarStream` hands out the decompressed bytes with the
+guards applied per chunk, before a byte is used: the decompression ratio, the total
+decompressed size and the number of gzip members. The headers in the stream are parsed
+by :mod:`node.deploy.tarheaders`; what a member may be and where it may go is decided by
+:mod:`node.deploy.extract`.
 """
 
 from __future__ import annotations
 
 import os
-import tarfile
 import zlib
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import BinaryIO
 
 from node.errors import DeployFailed
 
 __all__ = [
     "BLOCK_SIZE",
-    "MemberHeader",
     "TarStream",
     "bad_payload",
     "open_stream",
-    "read_headers",
+    "show_name",
     "unsafe_payload",
 ]
 
 BLOCK_SIZE = 512
 _CHUNK = 1 << 20  # decompressed bytes handed out per step
-_INPUT_CHUNK = 256 << 10  # compressed bytes read per step; zlib copies the unconsumed tail
-_ZERO_BLOCK = bytes(BLOCK_SIZE)
-_MAX_EXT_HEADER = 1 << 20  # pax / GNU long-name headers are read into memory
-_EXT_TYPES = frozenset(
-    {
-        tarfile.GNUTYPE_LONGNAME,
-        tarfile.GNUTYPE_LONGLINK,
-        tarfile.XHDTYPE,
-        tarfile.XGLTYPE,
-        tarfile.SOLARIS_XHDTYPE,
-    }
-)
+# Compressed bytes fed to zlib per step. zlib copies the unconsumed tail on every call,
+# so a highly compressed stream costs at most this much copying per _CHUNK of output.
+_INPUT_CHUNK = 64 << 10
+_GZIP_MEMBERS_FREE = 1024  # gzip members allowed on top of one per _GZIP_MEMBER_BYTES
+_GZIP_MEMBER_BYTES = 16 << 10
 
 
 def unsafe_payload(message: str) -> DeployFailed:
@@ -50,41 +40,46 @@ def unsafe_payload(message: str) -> DeployFailed:
 
 
 def bad_payload(message: str) -> DeployFailed:
-    """The error for a payload that is not a readable tar or tar.gz archive."""
+    """The error for a payload that is not one well-formed tar or tar.gz archive."""
     return DeployFailed(message, code="bad_payload", phase="extract")
 
 
-@dataclass(frozen=True, slots=True)
-class MemberHeader:
-    """One member's header, with its extended headers applied.
-
-    ``name`` is the pax ``path``, else the GNU long name, else the ustar name; ``pax``
-    holds the member's own pax records (global ones are dropped).
-    """
-
-    info: tarfile.TarInfo
-    name: str
-    pax: Mapping[str, str]
+def show_name(name: bytes, limit: int = 200) -> str:
+    """A member name for a message: escaped, and bounded (a pax path can be huge)."""
+    text = repr(name.decode("utf-8", "surrogateescape"))
+    return text if len(text) <= limit else f"{text[:limit]}..."
 
 
 class TarStream:
-    """The decompressed tar stream, with the decompression-bomb guard applied per chunk.
+    """The decompressed tar stream, with the resource guards applied per chunk.
 
     Args:
         f: the payload, read from its current position.
         max_ratio: the most decompressed bytes allowed per compressed byte, enforced
             once more than ``ratio_floor_bytes`` have been decompressed.
         ratio_floor_bytes: output below which any ratio is allowed.
+        max_bytes: the most decompressed bytes allowed in all.
     """
 
-    def __init__(self, f: BinaryIO, max_ratio: float, ratio_floor_bytes: int) -> None:
+    def __init__(
+        self, f: BinaryIO, max_ratio: float, ratio_floor_bytes: int, max_bytes: int
+    ) -> None:
         self._f = f
         self._max_ratio = max_ratio
         self._ratio_floor_bytes = ratio_floor_bytes
+        self._max_bytes = max_bytes
         self._buf = b""
         self._pos = 0
         self.produced = 0
-        self.where = "archive header"  # names the member in a ratio error
+        # Where the stream is, for messages; formatted only when one is raised.
+        self.members = 0
+        self.member: bytes | None = None
+
+    @property
+    def where(self) -> str:
+        if self.member is not None:
+            return f"member {show_name(self.member)}"
+        return f"the header after member {self.members}" if self.members else "the first header"
 
     def consumed(self) -> int:
         """Compressed bytes consumed so far."""
@@ -98,7 +93,9 @@ class TarStream:
         if not chunk:
             return False
         self.produced += len(chunk)
-        # Checked before the chunk is handed out, so nothing past the limit is written.
+        # Checked before the chunk is handed out, so nothing past a limit is used.
+        if self.produced > self._max_bytes:
+            raise unsafe_payload(f"archive expands to more than {self._max_bytes} bytes")
         if self.produced > self._ratio_floor_bytes and self.produced > self._max_ratio * max(
             self.consumed(), 1
         ):
@@ -121,6 +118,15 @@ class TarStream:
             self._pos += take
             n -= take
 
+    def block(self) -> bytes:
+        """The next header block; shorter only at the end of the stream."""
+        end = self._pos + BLOCK_SIZE
+        if end <= len(self._buf):  # the common case, without the generator
+            block = self._buf[self._pos : end]
+            self._pos = end
+            return block
+        return self.read(BLOCK_SIZE)
+
     def read(self, n: int) -> bytes:
         """Up to ``n`` bytes; fewer only at the end of the stream."""
         return b"".join(self._views(n, strict=False))
@@ -132,24 +138,47 @@ class TarStream:
                 view = view[os.write(fd, view) :]
 
     def skip(self, n: int) -> None:
+        """Pass over exactly the next ``n`` bytes."""
+        left = len(self._buf) - self._pos
+        if n <= left:
+            self._pos += n
+            return
         for _ in self._views(n):
             pass
 
-    def drain(self) -> None:
-        """Read to the end, so gzip truncation and CRC errors after the tar end are seen."""
+    def finish(self) -> None:
+        """Read to the end: after the end-of-archive marker only zeros may follow.
+
+        Reading to the end is also what makes a gzip stream's trailer (CRC and length)
+        and any further gzip member be checked.
+
+        Raises:
+            DeployFailed: ``bad_payload`` for data after the marker or a corrupt end.
+        """
+        self.member = None
+        rest = self._buf[self._pos :]
         self._buf, self._pos = b"", 0
-        self.where = "data after the end of the archive"
-        while self._fill():
-            pass
+        while True:
+            if rest.strip(b"\0"):
+                raise bad_payload(
+                    f"archive has data after its end-of-archive marker (after member"
+                    f" {self.members}); GNU tar and tarfile stop reading there"
+                )
+            if not self._fill():
+                return
+            rest, self._buf = self._buf, b""
 
 
 class _GzipStream(TarStream):
-    def __init__(self, f: BinaryIO, max_ratio: float, ratio_floor_bytes: int) -> None:
-        super().__init__(f, max_ratio, ratio_floor_bytes)
+    def __init__(
+        self, f: BinaryIO, max_ratio: float, ratio_floor_bytes: int, max_bytes: int
+    ) -> None:
+        super().__init__(f, max_ratio, ratio_floor_bytes, max_bytes)
         self._d = zlib.decompressobj(wbits=31)
         self._tail = b""  # compressed input read but not yet consumed
         self._read_in = 0
         self._eof = False
+        self._gzip_members = 1
 
     def consumed(self) -> int:
         return self._read_in - len(self._tail)
@@ -159,16 +188,28 @@ class _GzipStream(TarStream):
         self._read_in += len(data)
         return data
 
+    def _next_member(self) -> None:
+        # Each gzip member costs a header parse and a fresh inflater; bounding them by
+        # the output keeps a stream of empty members as cheap as its output.
+        self._gzip_members += 1
+        if self._gzip_members > _GZIP_MEMBERS_FREE + self.produced // _GZIP_MEMBER_BYTES:
+            raise unsafe_payload(
+                f"gzip stream has more than {self._gzip_members - 1} members"
+                f" for {self.produced} bytes of output"
+            )
+        self._d = zlib.decompressobj(wbits=31)
+
     def _next_chunk(self) -> bytes:
         while not self._eof:
             if self._d.eof:
-                # Another gzip member may follow (pigz, cat a.gz b.gz); zero padding is allowed.
+                # Another gzip member may follow (pigz, cat a.gz b.gz); zero padding is
+                # skipped as gzip(1) and Python's gzip module skip it.
                 self._tail = self._tail.lstrip(b"\0")
                 if not self._tail:
                     self._tail = self._input()
                     self._eof = not self._tail
                     continue
-                self._d = zlib.decompressobj(wbits=31)
+                self._next_member()
             if not self._tail:
                 self._tail = self._input()
                 if not self._tail:
@@ -183,93 +224,18 @@ class _GzipStream(TarStream):
         return b""
 
 
-def open_stream(f: BinaryIO, max_ratio: float, ratio_floor_bytes: int) -> TarStream:
+def open_stream(
+    f: BinaryIO, *, max_ratio: float, ratio_floor_bytes: int, max_bytes: int
+) -> TarStream:
     """A stream over ``f``: gunzipped if it starts with the gzip magic, else read as is.
 
     Raises:
         DeployFailed: ``bad_payload`` if ``f`` is empty.
     """
+    start = f.tell()
     magic = f.read(2)
-    f.seek(0)
+    f.seek(start)
     if not magic:
         raise bad_payload("payload is empty")
-    if magic == b"\x1f\x8b":
-        return _GzipStream(f, max_ratio, ratio_floor_bytes)
-    return TarStream(f, max_ratio, ratio_floor_bytes)
-
-
-def _parse_pax(data: bytes, where: str) -> dict[str, str]:
-    """Parse pax records (``"<len> <key>=<value>\\n"``)."""
-    records: dict[str, str] = {}
-    pos = 0
-    while pos < len(data) and data[pos] != 0:
-        space = data.find(b" ", pos, pos + 21)
-        digits = data[pos:space] if space > pos else b""
-        length = int(digits) if digits.isdigit() else 0
-        end = pos + length
-        if length <= len(digits) + 1 or end > len(data) or data[end - 1] != 0x0A:
-            raise bad_payload(f"malformed pax header in {where}")
-        key, eq, value = data[space + 1 : end - 1].partition(b"=")
-        if not eq:
-            raise bad_payload(f"malformed pax record in {where}")
-        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
-        pos = end
-    return records
-
-
-def read_headers(src: TarStream) -> Iterator[MemberHeader]:
-    """The members' headers, in archive order, up to the end-of-archive marker.
-
-    The consumer must read or skip each member's data (and its padding to
-    :data:`BLOCK_SIZE`) before asking for the next header.
-
-    Raises:
-        DeployFailed: ``bad_payload`` if the stream is not a tar archive, is truncated or
-            has a malformed header; ``unsafe_payload`` for an oversized extended header
-            or a sparse file.
-    """
-    pax: dict[str, str] = {}
-    long_name: str | None = None
-    first = True
-    members = 0
-    while True:
-        src.where = f"header after member {members}"
-        block = src.read(BLOCK_SIZE)
-        if len(block) < BLOCK_SIZE:
-            if first:
-                raise bad_payload("payload is not a tar or tar.gz archive")
-            raise bad_payload("archive is truncated (no end-of-archive marker)")
-        if block == _ZERO_BLOCK:
-            if pax or long_name is not None:
-                raise bad_payload("archive ends after an extended header")
-            return
-        try:
-            info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
-        except tarfile.HeaderError as e:
-            if first:
-                raise bad_payload("payload is not a tar or tar.gz archive") from e
-            raise bad_payload(f"invalid tar header after member {members}: {e}") from e
-        first = False
-        if info.size < 0:  # base-256 sizes can be negative; it would undercount bytes
-            raise bad_payload(f"negative size in tar header after member {members}")
-        if info.type in _EXT_TYPES:
-            if info.size > _MAX_EXT_HEADER:
-                raise unsafe_payload(f"extended header of {info.size} bytes is too large")
-            data = src.read(info.size)
-            if len(data) < info.size:
-                raise bad_payload("archive is truncated in an extended header")
-            src.skip(-info.size % BLOCK_SIZE)
-            if info.type == tarfile.GNUTYPE_LONGNAME:
-                long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
-            elif info.type != tarfile.GNUTYPE_LONGLINK:
-                records = _parse_pax(data, src.where)
-                if any(k.startswith("GNU.sparse.") for k in records):
-                    raise unsafe_payload("sparse files are not supported")
-                if info.type != tarfile.XGLTYPE:  # global records carry nothing we use
-                    pax.update(records)
-            continue
-        name = pax.get("path", long_name if long_name is not None else info.name)
-        yield MemberHeader(info, name, pax)
-        # Counted on resuming, after the consumer has handled the member.
-        members += 1
-        pax, long_name = {}, None
+    kind = _GzipStream if magic == b"\x1f\x8b" else TarStream
+    return kind(f, max_ratio, ratio_floor_bytes, max_bytes)
