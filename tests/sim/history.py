@@ -15,6 +15,7 @@ status committed, crash and restart, with its virtual time) hashes to the same v
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import os
 import random
@@ -93,11 +94,20 @@ class HistoryResult:
 
 @contextmanager
 def deterministic(seed: int) -> Iterator[None]:
-    """Seeded ids for the history (deployment ids, log ids, temp names), and no
-    machine-wide ``os.sync`` (an in-process crash loses no page cache; the real one
-    would also stall the machine): process-wide, restored on the way out."""
+    """Seeded ids for the history (deployment ids, log ids, temp names), no cyclic
+    garbage collection while it runs, and no machine-wide ``os.sync`` (an in-process
+    crash loses no page cache; the real one would also stall the machine): process-wide,
+    restored on the way out.
+
+    The collector runs when allocation counts say so, counts that carry over from
+    whatever the process did before; what it frees can schedule callbacks (an async
+    generator's ``aclose``, a task's destruction), so a collection in the middle of a
+    history would make it depend on the histories run before it in the same process.
+    """
     rng = random.Random(f"ids:{seed}")
     saved = (uuid.uuid4, secrets.token_hex, os.sync)
+    gc.collect()
+    gc.disable()
 
     def token_hex(nbytes: int | None = None) -> str:
         n = 32 if nbytes is None else nbytes
@@ -110,6 +120,8 @@ def deterministic(seed: int) -> Iterator[None]:
         yield
     finally:
         uuid.uuid4, secrets.token_hex, os.sync = saved  # type: ignore[assignment]
+        gc.enable()
+        gc.collect()
 
 
 class _Logs:
