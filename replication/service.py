@@ -111,6 +111,8 @@ class ReplicationService:
         self._positions: dict[str, dict[str, int]] = {}
         self.last_trim: TrimReport | None = None
         self._scope_dirty = asyncio.Event()
+        #: Which connected peer (by name order) is the relay; see :meth:`scope_for`.
+        self._relay_turn = 0
         self.fetcher = BlobFetcher(
             blobs, sources=self._sources, wait_for_connect=self._wait_for_connect,
             clock=clock, wait_s=self.settings.fetch_wait_s,
@@ -220,17 +222,21 @@ class ReplicationService:
 
         Each writer's log comes from the writer itself while this node is connected to
         it. Every other log (a writer out of reach, a log from before a node was
-        rebuilt, a member not yet dialled) comes from one relay: the first connected
-        peer by name, asked for everything except the logs pulled directly. So each
-        entry crosses each link once, and a node never pulls the same state from every
-        peer at once.
+        rebuilt, a member not yet dialled) comes from one relay, asked for everything
+        except the logs pulled directly. So each entry crosses each link once, and a
+        node never pulls the same state from every peer at once.
+
+        The relay takes turns among the connected peers, one more each maintenance
+        pass: what only some peer holds (entries of a writer that has been out of
+        reach, or removed, since it wrote them) reaches every node in the end, not
+        only when it happens to sit on the first peer by name.
         """
         connected = sorted(
             (n, q.peer_log_id)
             for n, (q, _) in self._queues.items()
             if q.state is PeerState.CONNECTED and q.peer_log_id is not None
         )
-        if not connected or connected[0][0] != name:
+        if not connected or connected[self._relay_turn % len(connected)][0] != name:
             return (OWN, ())
         return (RELAY, tuple(sorted(log_id for n, log_id in connected if n != name)))
 
@@ -286,6 +292,8 @@ class ReplicationService:
     async def _maintain(self) -> None:
         while True:
             await self.clock.sleep(self._maintain_s)
+            self._relay_turn += 1  # the next peer relays (see scope_for)
+            self._scope_dirty.set()
             try:
                 await self.maintain_once()
             except StorageError as e:

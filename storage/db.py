@@ -11,6 +11,11 @@ even when the awaiting task is cancelled (the thread finishes the read regardles
 the next read on that connection sees every commit made before it started. Reads do not
 queue behind each other up to the pool's size.
 
+:data:`INLINE` is a seam for the deterministic simulator (``tests/sim``): a database
+opened while it is set runs every call at once on the calling thread, with no worker
+thread and no reader pool, so calls complete in program order (threads hand results
+back in an order no seed can fix). Production never sets it.
+
 sqlite3 errors are translated to :class:`~storage.errors.StorageError` here.
 """
 
@@ -21,14 +26,20 @@ import sqlite3
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 
 from storage.errors import SchemaError, StorageError
 
-__all__ = ["Database", "migrations"]
+__all__ = ["INLINE", "Database", "migrations"]
+
+#: Set (to True) around :meth:`Database.open` to run that database's calls inline, on the
+#: calling thread (the deterministic simulator); read once, when the database opens.
+INLINE: ContextVar[bool] = ContextVar("cairn_db_inline", default=False)
 
 _PRAGMAS = (
     "PRAGMA journal_mode=WAL",
@@ -54,8 +65,39 @@ def migrations() -> list[tuple[int, str, str]]:
     return found
 
 
-async def _connect(path: Path) -> aiosqlite.Connection:
-    conn = await aiosqlite.connect(path, isolation_level=None)
+class _InlineConnection(aiosqlite.Connection):
+    """aiosqlite's API with every call run at once on the calling thread (no worker
+    thread): what :data:`INLINE` selects. Everything aiosqlite does funnels through
+    ``_execute``, the connect and ``stop``, so those three are all it replaces."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(lambda: sqlite3.connect(path, isolation_level=None), 64)
+
+    async def _execute(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if not self._running or not self._connection:
+            raise ValueError("Connection closed")
+        return fn(*args, **kwargs)
+
+    async def _connect(self) -> _InlineConnection:
+        if self._connection is None:
+            self._connection = self._connector()
+        return self
+
+    def __await__(self) -> Any:
+        return self._connect().__await__()
+
+    def stop(self) -> None:
+        self._running = False
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+
+async def _connect(path: Path, *, inline: bool = False) -> aiosqlite.Connection:
+    if inline:
+        conn: aiosqlite.Connection = await _InlineConnection(path)
+    else:
+        conn = await aiosqlite.connect(path, isolation_level=None)
     try:
         conn.row_factory = sqlite3.Row
         for pragma in _PRAGMAS:
@@ -72,12 +114,13 @@ class _Readers:
     gives the connection back only when that thread is done with it (also when the
     awaiting task was cancelled meanwhile)."""
 
-    def __init__(self, path: Path, size: int) -> None:
-        self._conns = [self._connect(path) for _ in range(size)]
+    def __init__(self, path: Path, size: int, *, inline: bool = False) -> None:
+        self._inline = inline
+        self._conns = [self._connect(path) for _ in range(1 if inline else size)]
         self._free: asyncio.Queue[sqlite3.Connection] = asyncio.Queue()
         for conn in self._conns:
             self._free.put_nowait(conn)
-        self._pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix="cairn-read")
+        self._pool = None if inline else ThreadPoolExecutor(size, thread_name_prefix="cairn-read")
 
     @staticmethod
     def _connect(path: Path) -> sqlite3.Connection:
@@ -96,6 +139,8 @@ class _Readers:
             cur.close()
 
     async def read(self, sql: str, params: tuple[object, ...]) -> list[sqlite3.Row]:
+        if self._inline:  # one connection, given back before anything else can run
+            return self._read(self._conns[0], sql, params)
         conn = await self._free.get()
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(self._pool, self._read, conn, sql, params)
@@ -109,7 +154,8 @@ class _Readers:
         return await asyncio.shield(fut)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         for conn in self._conns:
             conn.close()
 
@@ -119,12 +165,16 @@ class Database:
 
     Args:
         readers: how many reads may run at once.
+        inline: run every call on the calling thread (see :data:`INLINE`).
     """
 
-    def __init__(self, path: Path, writer: aiosqlite.Connection, *, readers: int = 4) -> None:
+    def __init__(
+        self, path: Path, writer: aiosqlite.Connection, *, readers: int = 4, inline: bool = False
+    ) -> None:
         self.path = path
         self._writer = writer
-        self._readers = _Readers(path, readers)
+        self._inline = inline
+        self._readers = _Readers(path, readers, inline=inline)
         self._lock = asyncio.Lock()
 
     @classmethod
@@ -140,8 +190,9 @@ class Database:
             StorageError: the file cannot be opened as SQLite.
         """
         path.parent.mkdir(parents=True, exist_ok=True)
+        inline = INLINE.get()
         try:
-            writer = await _connect(path)
+            writer = await _connect(path, inline=inline)
             try:
                 await _migrate(writer, upto)
             except BaseException:
@@ -149,12 +200,15 @@ class Database:
                 raise
         except sqlite3.Error as e:
             raise StorageError(f"cannot open database {path}: {e}") from e
-        return cls(path, writer)
+        return cls(path, writer, inline=inline)
 
     async def close(self) -> None:
         """Close every connection (the WAL is checkpointed by SQLite)."""
         async with self._lock:
-            await asyncio.to_thread(self._readers.close)
+            if self._inline:
+                self._readers.close()
+            else:
+                await asyncio.to_thread(self._readers.close)
             await self._writer.close()
 
     async def schema_version(self) -> int:

@@ -193,7 +193,9 @@ class Reconciler:
                 self.converge_soon(d.project)
             return None
         if self._origin_lost(d):
-            return self._give_up(d, mine)
+            # Given up already: nothing to do until the row changes. (A job that did
+            # nothing would end, announce the row again, and be started again at once.)
+            return None if d.deployment_id in self._lost else self._give_up(d, mine)
         has_payload = d.payload_hash is not None or d.kind == "drop"
         if d.status in _STAGING and has_payload and (status is None or status in _IN_PROGRESS):
             return self._stage(d)
