@@ -41,7 +41,9 @@ log = structlog.get_logger(__name__)
 class ReplicationHooks(ClusterHooks):
     """The node's view of a running :class:`ReplicationService`."""
 
-    def __init__(self, service: ReplicationService, signer: NodeSigner, certs: CertWatch) -> None:
+    def __init__(
+        self, service: ReplicationService, signer: NodeSigner, certs: CertWatch | None = None
+    ) -> None:
         self.service = service
         self.view = service
         self.fetcher = service
@@ -51,7 +53,8 @@ class ReplicationHooks(ClusterHooks):
 
     async def _status(self) -> dict[str, Any]:
         status = await self.service.status()
-        status.update(self.certs.status())
+        if self.certs is not None:  # none in the simulator, which has no certificate files
+            status.update(self.certs.status())
         return status
 
     def on_ready(self, reconciler: Reconciler) -> None:
