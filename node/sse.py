@@ -52,6 +52,37 @@ def _dumps(data: Any) -> str:
     return json.dumps(data, separators=(",", ":"), default=str)
 
 
+def _frame(name: str, data: Any, id: int | None = None) -> bytes:
+    head = f"id: {id}\n" if id is not None else ""
+    return f"{head}event: {name}\ndata: {_dumps(data)}\n\n".encode()
+
+
+class _Frames:
+    """The encoded frames of the events of recent notices, shared by every stream.
+
+    A notice is published once to every subscriber, all holding the same ``Event``
+    objects: the first stream to send it encodes each event, the others reuse the bytes.
+    An entry holds its notice, so the notice's id cannot be reused while it is cached.
+    """
+
+    def __init__(self, size: int = 256) -> None:
+        self._size = size
+        self._cache: dict[int, tuple[Notice, list[tuple[Event, bytes]]]] = {}
+
+    def of(self, notice: Notice) -> list[tuple[Event, bytes]]:
+        hit = self._cache.get(id(notice))
+        if hit is not None and hit[0] is notice:
+            return hit[1]
+        frames = [(e, _frame(e.event, e.data, e.seq)) for e in notice.rows if isinstance(e, Event)]
+        self._cache[id(notice)] = (notice, frames)
+        if len(self._cache) > self._size:
+            del self._cache[next(iter(self._cache))]  # the oldest
+        return frames
+
+
+_FRAMES = _Frames()
+
+
 class EventStream:
     """An open ``text/event-stream`` response."""
 
@@ -77,8 +108,12 @@ class EventStream:
         await self.response.write(text.encode())
 
     async def event(self, name: str, data: Any, *, id: int | None = None) -> None:
-        head = f"id: {id}\n" if id is not None else ""
-        await self._write(f"{head}event: {name}\ndata: {_dumps(data)}\n\n")
+        await self.response.write(_frame(name, data, id))
+
+    async def frames(self, frames: list[bytes]) -> None:
+        """Send encoded event frames in one write."""
+        if frames:
+            await self.response.write(b"".join(frames))
 
     async def ping(self) -> None:
         await self._write(": ping\n\n")
@@ -129,18 +164,23 @@ class _Tail:
         await self.send(stored)
 
     async def send(self, events: Iterable[object]) -> None:
-        for e in events:
-            if not isinstance(e, Event):
-                continue
+        await self._send((e, None) for e in events if isinstance(e, Event))
+
+    async def _send(self, events: Iterable[tuple[Event, bytes | None]]) -> None:
+        """Send the events past the last one sent, in one write."""
+        out = []
+        for e, frame in events:
             if e.seq > self.last:
-                await self.stream.event(e.event, e.data, id=e.seq)
+                out.append(frame if frame is not None else _frame(e.event, e.data, e.seq))
                 self.last = e.seq
             # Also when the client had it already (resumed after it): the deploy is over.
             self.finished = self.finished or e.event == "finished"
+        await self.stream.frames(out)
 
     async def notices(self, notices: list[Notice]) -> None:
-        for notice in notices:
-            await self.send(notice.rows)
+        """Send live events: encoded once for every stream (:class:`_Frames`), and
+        everything this wake-up brought in one write."""
+        await self._send(pair for notice in notices for pair in _FRAMES.of(notice))
 
     async def catch_up(self) -> None:
         """Re-read storage after the live feed lost notices (or as a last check)."""
