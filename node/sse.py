@@ -14,6 +14,7 @@ resume point was truncated away the stream sends ``event: reset`` and replays th
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -192,6 +193,47 @@ class _Tail:
             await self.send(e for e in stored if e.seq > self.last)
 
 
+#: ``finish`` calls in flight, by ``share`` key: streams ending together wait for one.
+_FINISHING: dict[str, asyncio.Task[bytes]] = {}
+
+
+async def _last_frame(finish: Finish, deployment_id: str, share: str | None) -> bytes:
+    """The ``done`` (or ``error``) frame that ends a stream.
+
+    Hundreds of streams watching one deploy all reach its end at once; each computing
+    the final view (a read of the row, its results and its whole log, then JSON) would
+    hold the others back from the deploy's last events. With a ``share`` key they wait
+    for the one computation in flight; a stream that ends later computes afresh. The
+    computation is a task of its own, so a client going away does not cancel it for the
+    others.
+    """
+    if share is None:
+        return await _final(finish, deployment_id)
+    task = _FINISHING.get(share)
+    if task is None:
+        task = asyncio.ensure_future(_final(finish, deployment_id))
+        _FINISHING[share] = task
+
+        def forget(t: asyncio.Task[bytes], key: str = share) -> None:
+            if _FINISHING.get(key) is t:
+                del _FINISHING[key]
+
+        task.add_done_callback(forget)
+    return await asyncio.shield(task)
+
+
+async def _final(finish: Finish, deployment_id: str) -> bytes:
+    try:
+        result = await finish()
+    except CairnError as err:
+        return _frame("error", err.body())
+    except Exception:
+        # A bug, but the headers are long gone: end the stream as the API would.
+        log.exception("sse_finish_failed", deployment_id=deployment_id)
+        return _frame("error", {"error": "internal error", "code": "internal_error"})
+    return _frame("done", {"result": result})
+
+
 async def stream_deployment(
     request: web.Request,
     store: Store,
@@ -201,6 +243,7 @@ async def stream_deployment(
     done: Callable[[], bool],
     resume_after: int | None,
     ping_s: float,
+    share: str | None = None,
 ) -> web.StreamResponse:
     """Replay and tail a deployment's events, then end with ``done`` or ``error``.
 
@@ -214,6 +257,9 @@ async def stream_deployment(
         done: whether the deploy is over without a ``finished`` event to wait for.
         resume_after: ``Last-Event-ID``, if the client sent one.
         ping_s: the longest silence before a ``: ping`` comment.
+        share: streams that end at the same time with the same ``share`` key get one
+            ``finish`` between them (its frame is encoded once): give it only when every
+            such stream's ``finish`` answers the same.
 
     Returns:
         The (already finished) response.
@@ -240,16 +286,7 @@ async def stream_deployment(
                 # ``done()`` can turn true while the last notices are still queued.
                 await tail.notices(sub.drain())
                 await tail.catch_up()
-            try:
-                result = await finish()
-            except CairnError as err:
-                await stream.event("error", err.body())
-            except Exception:
-                # A bug, but the headers are long gone: end the stream as the API would.
-                log.exception("sse_finish_failed", deployment_id=deployment_id)
-                await stream.event("error", {"error": "internal error", "code": "internal_error"})
-            else:
-                await stream.event("done", {"result": result})
+            await stream.frames([await _last_frame(finish, deployment_id, share)])
             await stream.close()
         except ConnectionResetError:
             # Gone between two writes (before aiohttp cancelled the handler): the deploy
