@@ -14,6 +14,7 @@ resume point was truncated away the stream sends ``event: reset`` and replays th
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -54,6 +55,37 @@ def _dumps(data: Any) -> str:
     return json.dumps(data, separators=(",", ":"), default=str)
 
 
+def _frame(name: str, data: Any, id: int | None = None) -> bytes:
+    head = f"id: {id}\n" if id is not None else ""
+    return f"{head}event: {name}\ndata: {_dumps(data)}\n\n".encode()
+
+
+class _Frames:
+    """The encoded frames of the events of recent notices, shared by every stream.
+
+    A notice is published once to every subscriber, all holding the same ``Event``
+    objects: the first stream to send it encodes each event, the others reuse the bytes.
+    An entry holds its notice, so the notice's id cannot be reused while it is cached.
+    """
+
+    def __init__(self, size: int = 256) -> None:
+        self._size = size
+        self._cache: dict[int, tuple[Notice, list[tuple[Event, bytes]]]] = {}
+
+    def of(self, notice: Notice) -> list[tuple[Event, bytes]]:
+        hit = self._cache.get(id(notice))
+        if hit is not None and hit[0] is notice:
+            return hit[1]
+        frames = [(e, _frame(e.event, e.data, e.seq)) for e in notice.rows if isinstance(e, Event)]
+        self._cache[id(notice)] = (notice, frames)
+        if len(self._cache) > self._size:
+            del self._cache[next(iter(self._cache))]  # the oldest
+        return frames
+
+
+_FRAMES = _Frames()
+
+
 class EventStream:
     """An open ``text/event-stream`` response."""
 
@@ -79,8 +111,12 @@ class EventStream:
         await self.response.write(text.encode())
 
     async def event(self, name: str, data: Any, *, id: int | None = None) -> None:
-        head = f"id: {id}\n" if id is not None else ""
-        await self._write(f"{head}event: {name}\ndata: {_dumps(data)}\n\n")
+        await self.response.write(_frame(name, data, id))
+
+    async def frames(self, frames: list[bytes]) -> None:
+        """Send encoded event frames in one write."""
+        if frames:
+            await self.response.write(b"".join(frames))
 
     async def ping(self) -> None:
         await self._write(": ping\n\n")
@@ -131,18 +167,23 @@ class _Tail:
         await self.send(stored)
 
     async def send(self, events: Iterable[object]) -> None:
-        for e in events:
-            if not isinstance(e, Event):
-                continue
+        await self._send((e, None) for e in events if isinstance(e, Event))
+
+    async def _send(self, events: Iterable[tuple[Event, bytes | None]]) -> None:
+        """Send the events past the last one sent, in one write."""
+        out = []
+        for e, frame in events:
             if e.seq > self.last:
-                await self.stream.event(e.event, e.data, id=e.seq)
+                out.append(frame if frame is not None else _frame(e.event, e.data, e.seq))
                 self.last = e.seq
             # Also when the client had it already (resumed after it): the deploy is over.
             self.finished = self.finished or e.event == "finished"
+        await self.stream.frames(out)
 
     async def notices(self, notices: list[Notice]) -> None:
-        for notice in notices:
-            await self.send(notice.rows)
+        """Send live events: encoded once for every stream (:class:`_Frames`), and
+        everything this wake-up brought in one write."""
+        await self._send(pair for notice in notices for pair in _FRAMES.of(notice))
 
     async def catch_up(self) -> None:
         """Re-read storage after the live feed lost notices (or as a last check)."""
@@ -154,6 +195,47 @@ class _Tail:
             await self.send(e for e in stored if e.seq > self.last)
 
 
+#: ``finish`` calls in flight, by ``share`` key: streams ending together wait for one.
+_FINISHING: dict[str, asyncio.Task[bytes]] = {}
+
+
+async def _last_frame(finish: Finish, deployment_id: str, share: str | None) -> bytes:
+    """The ``done`` (or ``error``) frame that ends a stream.
+
+    Hundreds of streams watching one deploy all reach its end at once; each computing
+    the final view (a read of the row, its results and its whole log, then JSON) would
+    hold the others back from the deploy's last events. With a ``share`` key they wait
+    for the one computation in flight; a stream that ends later computes afresh. The
+    computation is a task of its own, so a client going away does not cancel it for the
+    others.
+    """
+    if share is None:
+        return await _final(finish, deployment_id)
+    task = _FINISHING.get(share)
+    if task is None:
+        task = asyncio.ensure_future(_final(finish, deployment_id))
+        _FINISHING[share] = task
+
+        def forget(t: asyncio.Task[bytes], key: str = share) -> None:
+            if _FINISHING.get(key) is t:
+                del _FINISHING[key]
+
+        task.add_done_callback(forget)
+    return await asyncio.shield(task)
+
+
+async def _final(finish: Finish, deployment_id: str) -> bytes:
+    try:
+        result = await finish()
+    except CairnError as err:
+        return _frame("error", err.body())
+    except Exception:
+        # A bug, but the headers are long gone: end the stream as the API would.
+        log.exception("sse_finish_failed", deployment_id=deployment_id)
+        return _frame("error", {"error": "internal error", "code": "internal_error"})
+    return _frame("done", {"result": result})
+
+
 async def stream_deployment(
     request: web.Request,
     store: Store,
@@ -163,6 +245,7 @@ async def stream_deployment(
     done: Callable[[], bool],
     resume_after: int | None,
     ping_s: float,
+    share: str | None = None,
 ) -> web.StreamResponse:
     """Replay and tail a deployment's events, then end with ``done`` or ``error``.
 
@@ -176,6 +259,9 @@ async def stream_deployment(
         done: whether the deploy is over without a ``finished`` event to wait for.
         resume_after: ``Last-Event-ID``, if the client sent one.
         ping_s: the longest silence before a ``: ping`` comment.
+        share: streams that end at the same time with the same ``share`` key get one
+            ``finish`` between them (its frame is encoded once): give it only when every
+            such stream's ``finish`` answers the same.
 
     Returns:
         The (already finished) response.
@@ -202,16 +288,7 @@ async def stream_deployment(
                 # ``done()`` can turn true while the last notices are still queued.
                 await tail.notices(sub.drain())
                 await tail.catch_up()
-            try:
-                result = await finish()
-            except CairnError as err:
-                await stream.event("error", err.body())
-            except Exception:
-                # A bug, but the headers are long gone: end the stream as the API would.
-                log.exception("sse_finish_failed", deployment_id=deployment_id)
-                await stream.event("error", {"error": "internal error", "code": "internal_error"})
-            else:
-                await stream.event("done", {"result": result})
+            await stream.frames([await _last_frame(finish, deployment_id, share)])
             await stream.close()
         except ConnectionResetError:
             # Gone between two writes (before aiohttp cancelled the handler): the deploy

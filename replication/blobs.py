@@ -18,6 +18,7 @@ Two layers:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,15 +39,31 @@ log = structlog.get_logger(__name__)
 
 @dataclass
 class _Incoming:
+    """One blob arriving: where the next chunk must start (``offset``), what is on disk
+    (``written``), and the chunks received but not yet written."""
+
     hash: str
     size: int
     offset: int
     done: asyncio.Future[int]
-    received: int = field(default=0)
+    written: int = 0
+    received: int = 0
+    pending: list[bytes] = field(default_factory=list)
+    writer: asyncio.Task[None] | None = None
+    #: The frame that ended the transfer (End or Missing), settled once writes are done.
+    end: End | Missing | None = None
+    dead: bool = False
 
 
 class BlobReceiver:
     """Blob transfers arriving on one channel.
+
+    Chunks are written to the partial file by a writer task per transfer, never inline:
+    the channel's read loop hands a chunk over and goes on reading (a change batch
+    behind a chunk is not held up by the disk). Chunks that arrive while a write is in
+    flight go to disk together in the next write (one thread call, one ``writev``), and
+    the chunk credit comes back once they are written, so what waits in memory is
+    bounded by the credit.
 
     Args:
         channel: the (dialled) channel the sender serves blobs on.
@@ -55,7 +72,7 @@ class BlobReceiver:
         max_transfers: blobs the sender serves at once; more requests wait their turn
             (a blob asked for counts until its ``End`` or ``Missing`` arrives, also
             one its caller gave up on).
-        on_bytes: called with each chunk's length (for counters).
+        on_bytes: called with the length of each write (for counters).
     """
 
     def __init__(
@@ -88,6 +105,9 @@ class BlobReceiver:
     async def request(self, hash: str, size: int, offset: int) -> int:
         """Ask for ``hash`` from ``offset`` and wait until every byte is in the partial.
 
+        Returns only once no write of this attempt is in flight, so the partial's
+        length is where a next attempt resumes.
+
         Returns:
             Bytes received in this attempt.
 
@@ -96,6 +116,7 @@ class BlobReceiver:
             BlobCorrupt: the peer sent more bytes than ``size``, or a wrong size at
                 the end; the partial is dropped.
             ChannelClosed: the channel ended first (the partial keeps what arrived).
+            StorageError: the partial could not be written.
         """
         if hash in self._active:
             raise RuntimeError(f"blob {hash} is already being fetched on this channel")
@@ -107,6 +128,7 @@ class BlobReceiver:
             self._slots.release()
             raise RuntimeError(f"blob {hash} is already being fetched on this channel")
         t = _Incoming(hash, size, offset, asyncio.get_running_loop().create_future())
+        t.written = offset
         self._active[hash] = t
         try:
             await self.channel.send(Want(hash, offset))
@@ -117,7 +139,11 @@ class BlobReceiver:
         except BaseException:
             if self._active.pop(hash, None) is not None and not t.done.done():
                 self._abandoned.add(hash)  # the sender may still be sending it
+            t.dead = True
             raise
+        finally:
+            if t.writer is not None and not t.writer.done():
+                await asyncio.wait([t.writer])  # never cancels it: the partial settles
 
     def close(self, reason: str) -> None:
         """Fail every transfer in flight with ChannelClosed (the channel ended)."""
@@ -132,7 +158,6 @@ class BlobReceiver:
 
         Raises:
             ProtocolError: a frame for a blob not asked for, out of order or beyond credit.
-            StorageError: the partial file could not be written.
         """
         if isinstance(msg, Chunk):
             await self._on_chunk(msg)
@@ -145,6 +170,16 @@ class BlobReceiver:
             self._slots.release()
             return
         self._slots.release()
+        t.end = msg
+        if t.writer is None or t.writer.done():
+            self._settle(t)
+        # else the writer settles it once the chunks before this frame are on disk
+
+    def _settle(self, t: _Incoming) -> None:
+        """The transfer ended and every chunk is written: resolve its waiter."""
+        msg = t.end
+        if t.done.done() or msg is None:
+            return
         if isinstance(msg, Missing):
             t.done.set_exception(BlobMissing(f"{self.channel.peer!r} has no blob {msg.hash}"))
         elif msg.size != t.size or t.offset != t.size:
@@ -165,26 +200,67 @@ class BlobReceiver:
         t = self._active.get(chunk.hash)
         if t is None and chunk.hash not in self._abandoned:
             raise ProtocolError(f"a chunk of blob {chunk.hash} arrived, which was not asked for")
-        if t is not None:
-            if chunk.offset != t.offset:
-                raise ProtocolError(f"chunk at offset {chunk.offset}, expected {t.offset}")
-            if t.offset + len(chunk.data) > t.size:
-                del self._active[t.hash]
-                self._abandoned.add(t.hash)
-                self.blobs.drop_partial(t.hash)
-                t.done.set_exception(
-                    BlobCorrupt(f"{self.channel.peer!r} sent more than {t.size} bytes of {t.hash}")
-                )
-            else:
-                try:
-                    await self.blobs.append_partial(t.hash, t.offset, chunk.data)
-                except ValueError as e:  # the partial changed under us: start over later
-                    raise StorageError(f"partial of {t.hash} is not where expected: {e}") from e
-                t.offset += len(chunk.data)
-                t.received += len(chunk.data)
-                self.on_bytes(len(chunk.data))
-        self._outstanding += 1
-        await self.channel.send(BlobCredit(1))
+        if t is None:  # abandoned: drop it, and the credit comes back at once
+            await self._grant(1)
+            return
+        if chunk.offset != t.offset:
+            raise ProtocolError(f"chunk at offset {chunk.offset}, expected {t.offset}")
+        if t.offset + len(chunk.data) > t.size:
+            del self._active[t.hash]
+            self._abandoned.add(t.hash)
+            t.dead = True
+            self.blobs.drop_partial(t.hash)
+            t.done.set_exception(
+                BlobCorrupt(f"{self.channel.peer!r} sent more than {t.size} bytes of {t.hash}")
+            )
+            await self._grant(1 + len(t.pending))
+            t.pending.clear()
+            return
+        t.offset += len(chunk.data)
+        t.pending.append(chunk.data)
+        if t.writer is None or t.writer.done():
+            t.writer = asyncio.create_task(self._write(t), name=f"blob-write-{t.hash[:12]}")
+
+    async def _write(self, t: _Incoming) -> None:
+        """Write what arrived, batch by batch, until nothing waits; then settle."""
+        while t.pending and not t.dead:
+            bufs, t.pending = t.pending, []
+            n = sum(len(b) for b in bufs)
+            try:
+                await self.blobs.append_partial(t.hash, t.written, bufs)
+            except (StorageError, ValueError) as e:
+                # The disk failed, or the partial is not where this attempt thought
+                # (it changed under us): this attempt ends; the fetch decides.
+                t.dead = True
+                if self._active.get(t.hash) is t:
+                    del self._active[t.hash]
+                    self._abandoned.add(t.hash)
+                if not t.done.done():
+                    err = (
+                        e
+                        if isinstance(e, StorageError)
+                        else StorageError(f"partial of {t.hash} is not where expected: {e}")
+                    )
+                    t.done.set_exception(err)
+                await self._grant(len(bufs) + len(t.pending))
+                t.pending.clear()
+                return
+            t.written += n
+            t.received += n
+            self.on_bytes(n)
+            await self._grant(len(bufs))
+        if t.dead and t.pending:
+            await self._grant(len(t.pending))
+            t.pending.clear()
+        self._settle(t)
+
+    async def _grant(self, chunks: int) -> None:
+        """Give ``chunks`` of credit back (nothing once the channel is closed)."""
+        if self._closed is not None:
+            return
+        self._outstanding += chunks
+        with contextlib.suppress(ChannelClosed):  # the session is ending; its reader knows
+            await self.channel.send(BlobCredit(chunks))
 
 
 #: A connected peer that can be asked for blobs: its name and its receiver.

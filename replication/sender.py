@@ -22,10 +22,9 @@ Anything the subscriber sends out of protocol ends the session with ProtocolErro
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Callable, Mapping
-from contextlib import aclosing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import structlog
 
@@ -49,10 +48,10 @@ from replication.messages import (
     WireEntry,
 )
 from replication.session import Clock, Liveness, Settings, heartbeat, race
+from storage.blob_io import FileReader
 from storage.blobs import BlobStore
 from storage.changelog import CHANGELOG, Subscription
 from storage.entries import UNSIGNED_KEY_ID
-from storage.errors import BlobMissing
 from storage.store import Store
 
 __all__ = ["SendStats", "SenderSession"]
@@ -83,11 +82,13 @@ class SendStats:
 
 @dataclass
 class _Outgoing:
-    """One blob being sent: next offset, total size (-1: we do not have it)."""
+    """One blob being sent: next offset, total size (-1: we do not have it), and the
+    open file it is read from (one chunk read ahead)."""
 
     hash: str
     pos: int
     size: int
+    reader: FileReader | None = None
     sent: int = field(default=0)
 
 
@@ -166,16 +167,21 @@ class SenderSession:
         self._subscribe(first)
         log.info("subscriber_started", peer=self.peer, scope=self._scope)
         s = self.settings
-        with self.store.feed.subscribe(lambda n: n.tbl == CHANGELOG, maxsize=1) as sub:
-            await race(
-                self._read(),
-                self._write(),
-                self._watch(sub),
-                heartbeat(
-                    self.channel, self.liveness, clock=self.clock, interval_s=s.heartbeat_s,
-                    dead_after_s=s.dead_after_s,
-                ),
-            )  # fmt: skip
+        try:
+            with self.store.feed.subscribe(lambda n: n.tbl == CHANGELOG, maxsize=1) as sub:
+                await race(
+                    self._read(),
+                    self._write(),
+                    self._watch(sub),
+                    heartbeat(
+                        self.channel, self.liveness, clock=self.clock,
+                        interval_s=s.heartbeat_s, dead_after_s=s.dead_after_s,
+                    ),
+                )  # fmt: skip
+        finally:
+            for t in list(self._transfers.values()):
+                await self._close(t)
+            self._transfers.clear()
 
     def _bounded(self, credit: int) -> int:
         if credit > _MAX_CREDIT:
@@ -242,10 +248,11 @@ class SenderSession:
         if len(self._transfers) >= self.settings.max_transfers:
             raise ProtocolError(f"more than {self.settings.max_transfers} blobs wanted at once")
         try:
-            size = self.blobs.size(want.hash)
-        except BlobMissing:
-            size = -1
-        self._transfers[want.hash] = _Outgoing(want.hash, want.offset, size)
+            reader: FileReader | None = FileReader(self.blobs.path(want.hash))
+        except FileNotFoundError:
+            reader = None
+        size = reader.size if reader is not None else -1
+        self._transfers[want.hash] = _Outgoing(want.hash, want.offset, size, reader)
 
     async def _write(self) -> None:
         while True:
@@ -264,6 +271,7 @@ class SenderSession:
         if done:  # End and Missing need no credit
             t = done[0]
             del self._transfers[t.hash]
+            await self._close(t)
             await self.channel.send(Missing(t.hash) if t.size < 0 else End(t.hash, t.size))
             log.info("blob_sent", peer=self.peer, hash=t.hash, size=t.size, bytes=t.sent)
             return True
@@ -342,14 +350,15 @@ class SenderSession:
             await self.channel.send(Certs(tuple(ders)))
 
     async def _send_chunk(self, t: _Outgoing) -> None:
-        end = min(t.size, t.pos + self.settings.chunk_bytes)
-        try:
-            reader = cast(AsyncGenerator[bytes, None], self.blobs.read(t.hash, t.pos, end))
-            async with aclosing(reader) as parts:
-                data = b"".join([part async for part in parts])
-        except BlobMissing:
-            data = b""
-        if not data:  # deleted (or truncated) under us: the subscriber asks elsewhere
+        step = self.settings.chunk_bytes
+        n = min(step, t.size - t.pos)
+        data = b""
+        if t.reader is not None:
+            # The chunk after this one is read while this one is encrypted and sent.
+            after = t.pos + n
+            data = await t.reader.read(t.pos, n, then=min(step, t.size - after))
+        if len(data) < n or not data:  # truncated under us: the subscriber asks elsewhere
+            await self._close(t)
             t.size = -1
             return
         await self.channel.send(Chunk(t.hash, t.pos, data))
@@ -359,3 +368,9 @@ class SenderSession:
         self.stats.blob_bytes_sent += len(data)
         # Take turns between blobs: this one goes to the back of the line.
         self._transfers[t.hash] = self._transfers.pop(t.hash)
+
+    @staticmethod
+    async def _close(t: _Outgoing) -> None:
+        reader, t.reader = t.reader, None
+        if reader is not None:
+            await reader.close()

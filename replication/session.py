@@ -54,7 +54,7 @@ class Settings:
     reconnect_max_s: float = 5.0
     batch_changes: int = 500
     credit_batches: int = 8
-    chunk_bytes: int = 256 * 1024
+    chunk_bytes: int = 1 << 20
     chunk_credit: int = 16
     #: How long a blob fetch waits for some peer to be connected before BlobMissing.
     fetch_wait_s: float = 10.0

@@ -21,6 +21,7 @@ from storage.errors import StorageError
 
 __all__ = [
     "HASH_RE",
+    "FileReader",
     "await_thread",
     "check_hash",
     "ensure_dir",
@@ -117,3 +118,53 @@ async def await_thread(fut: asyncio.Future[T]) -> T:
 async def in_thread(fn: Callable[..., T], *args: Any) -> T:
     """Run ``fn(*args)`` in a thread and return its result, as :func:`await_thread` does."""
     return await await_thread(submit(fn, *args))
+
+
+class FileReader:
+    """Reads one file front to back in a worker thread, keeping the next read in flight.
+
+    Made for streaming a blob to a peer: while the caller sends one range, the next one
+    is already being read, and the descriptor stays open from the first read to
+    :meth:`close` (so the bytes stay readable even if the file is deleted meanwhile).
+
+    Args:
+        path: the file.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_RDONLY)  # a metadata step, cheap on the loop
+        self.size = os.fstat(self._fd).st_size
+        self._ahead: tuple[int, int, asyncio.Future[bytes]] | None = None
+
+    async def read(self, pos: int, n: int, *, then: int = 0) -> bytes:
+        """The bytes ``[pos, pos + n)`` (fewer at the end of the file); then start
+        reading the ``then`` bytes that follow, for the next call.
+
+        Raises:
+            StorageError: the read failed.
+        """
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[:2] == (pos, n):
+            data = await await_thread(ahead[2])
+        else:
+            if ahead is not None:
+                await settle(ahead[2])
+            data = await in_thread(os.pread, self._fd, n, pos)
+        if then > 0 and len(data) == n:
+            nxt = pos + n
+            self._ahead = (nxt, then, submit(os.pread, self._fd, then, nxt))
+        return data
+
+    async def close(self) -> None:
+        """Wait for a read in flight, then close the descriptor; idempotent."""
+        ahead, self._ahead = self._ahead, None
+        try:
+            if ahead is not None:
+                await settle(ahead[2])
+        finally:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1

@@ -27,6 +27,7 @@ from collections.abc import (
     Awaitable,
     Callable,
     Iterator,
+    Sequence,
 )
 from contextlib import aclosing, asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -383,8 +384,9 @@ class BlobStore:
         """Bytes already fetched into ``partial/<hash>`` (0 if none): where to resume."""
         return self._partials.offset(hash)
 
-    async def append_partial(self, hash: str, offset: int, data: bytes) -> int:
-        """Append ``data`` to the partial fetch of ``hash``; not fsynced (finish does).
+    async def append_partial(self, hash: str, offset: int, data: bytes | Sequence[bytes]) -> int:
+        """Append ``data`` (a buffer, or several in order) to the partial fetch of
+        ``hash``, hashing it as it goes; not fsynced (finish does).
 
         Args:
             offset: where ``data`` starts; must be the partial's current length.

@@ -286,10 +286,11 @@ class Coordinator:
     # -- steps ------------------------------------------------------------------------
 
     async def _step(self, phase: str, status: DeploymentStatus) -> None:
-        if self._phase is not None:
-            await self.rec.phase(self._phase, "done")
+        # One transaction for the end of a phase and the start of the next.
+        events = [("phase", {"phase": self._phase, "status": "done"})] if self._phase else []
         self._phase = phase
-        await self.rec.phase(phase, "start", status)
+        events.append(("phase", {"phase": phase, "status": "start"}))
+        await self.rec.write({"phase": phase, "status": status}, *events)
 
     async def _my_result(self, d: Deployment) -> NodeResult | None:
         for r in await self.ctx.store.results(d.deployment_id):
@@ -317,7 +318,10 @@ class Coordinator:
 
     async def _forward(self, notices: list[Notice]) -> None:
         """Turn result changes into ``peer`` events (one per change of status or phase),
-        and a peer's hook output into ``install`` events labelled with the node."""
+        and a peer's hook output into ``install`` events labelled with the node; what
+        one wake-up brings is written in one transaction (with many nodes, one per
+        event cost a commit, and a replicated entry, each)."""
+        events: list[tuple[str, dict[str, Any]]] = []
         for notice in notices:
             for r in notice.rows:
                 if not isinstance(r, NodeResult) or r.deployment_id != self.rec.deployment_id:
@@ -327,24 +331,24 @@ class Coordinator:
                     continue
                 self._seen[r.node] = key
                 self._seen_version[r.node] = r.version
-                await self._peer_output(r)
+                events += self._peer_output(r)
                 data: dict[str, Any] = {"node": r.node, "status": str(r.status), "phase": r.phase}
                 if r.error:
                     data["error"] = r.error
-                await self.rec.event("peer", **data)
+                events.append(("peer", data))
+        if events:
+            await self.rec.write(None, *events)
 
-    async def _peer_output(self, r: NodeResult) -> None:
+    def _peer_output(self, r: NodeResult) -> list[tuple[str, dict[str, Any]]]:
         if r.node == self.ctx.node or not r.install_output or r.node in self._output_seen:
-            return
+            return []
         self._output_seen.add(r.node)
         lines = r.install_output.get("lines") or []
-        events = [
+        return [
             ("install", {"node": r.node, "hook": x.get("hook", "install"),
                          "stream": x.get("stream"), "line": x.get("line")})
             for x in lines[-_PEER_LINES:]
         ]  # fmt: skip
-        if events:
-            await self.rec.write(None, *events)
 
     async def _stage_here(self, d: Deployment) -> None:
         ctx = self.ctx

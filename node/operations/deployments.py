@@ -228,6 +228,7 @@ async def get_deployment(call: Call) -> dict[str, Any] | web.StreamResponse:
         done=lambda: False,
         resume_after=resume,
         ping_s=call.config.admin.sse_ping_s,
+        share=f"get_deployment {deployment_id}",  # every watcher ends on the same view
     )
 
 

@@ -14,6 +14,7 @@ import pytest
 from mesh import FAST, HASH, Mesh, wait_until
 
 from replication.blobs import BlobReceiver
+from replication.channel import ChannelClosed
 from replication.errors import ProtocolError
 from replication.messages import BlobCredit, Chunk, End, Message, Missing, Want
 from storage.blobs import BlobInfo, BlobStore
@@ -210,6 +211,8 @@ async def test_receiver_enforces_order_credit_and_size(tmp_path: Path) -> None:
     await wait_until(lambda: len(ch.sent) == 2)
     assert ch.sent == [Want(h, 0), BlobCredit(2)]
     await rx.on_frame(Chunk(h, 0, data[:60]))
+    # The chunk is written by the transfer's writer, and its credit comes back after.
+    await wait_until(lambda: BlobCredit(1) in ch.sent, what="the first chunk written")
     with pytest.raises(ProtocolError, match="expected 60"):
         await rx.on_frame(Chunk(h, 10, data[10:20]))
     await rx.on_frame(Chunk(h, 60, data[60:]))
@@ -231,3 +234,59 @@ async def test_receiver_enforces_order_credit_and_size(tmp_path: Path) -> None:
     greedy = BlobReceiver(ScriptedChannel(), blobs, chunk_credit=1)
     with pytest.raises(ProtocolError, match="beyond the chunk credit"):
         await greedy.on_frame(Chunk(other, 0, b"x"))
+
+
+class GatedBlobs(BlobStore):
+    """A blob store whose partial writes wait for ``gate`` (a slow disk), recording each."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.gate = asyncio.Event()
+        self.writes: list[int] = []
+
+    async def append_partial(self, hash: str, offset: int, data: Any) -> int:
+        await self.gate.wait()
+        self.writes.append(len(data))
+        return await super().append_partial(hash, offset, data)
+
+
+async def test_receiver_hands_chunks_to_a_writer_and_credits_once_written(
+    tmp_path: Path,
+) -> None:
+    blobs = GatedBlobs(tmp_path / "blobs")
+    data = os.urandom(300)
+    h = hashlib.sha256(data).hexdigest()
+    ch = ScriptedChannel()
+    rx = BlobReceiver(ch, blobs, chunk_credit=3)
+    request = asyncio.create_task(rx.request(h, 300, 0))
+    await wait_until(lambda: len(ch.sent) == 2)
+    # The disk is stuck, yet every frame is taken at once: the read loop never waits on it.
+    for i in range(3):
+        await asyncio.wait_for(rx.on_frame(Chunk(h, i * 100, data[i * 100 : (i + 1) * 100])), 1)
+    await asyncio.wait_for(rx.on_frame(End(h, 300)), 1)
+    assert ch.sent == [Want(h, 0), BlobCredit(3)] and not request.done()
+    blobs.gate.set()
+    assert await request == 300  # only once every chunk is on disk
+    # The first chunk went alone; the two that queued behind it in one write.
+    assert blobs.writes == [1, 2]
+    assert ch.sent[2:] == [BlobCredit(1), BlobCredit(2)]
+    await blobs.finish_partial(h, 300)
+    assert await read_blob(blobs, h) == data
+
+
+async def test_a_closed_channel_ends_the_request_after_its_writes(tmp_path: Path) -> None:
+    blobs = GatedBlobs(tmp_path / "blobs")
+    data = os.urandom(200)
+    h = hashlib.sha256(data).hexdigest()
+    ch = ScriptedChannel()
+    rx = BlobReceiver(ch, blobs, chunk_credit=4)
+    request = asyncio.create_task(rx.request(h, 200, 0))
+    await wait_until(lambda: len(ch.sent) == 2)
+    await rx.on_frame(Chunk(h, 0, data[:100]))
+    rx.close("gone")
+    await asyncio.sleep(0)
+    assert not request.done()  # the chunk it holds is still being written
+    blobs.gate.set()
+    with pytest.raises(ChannelClosed):
+        await request
+    assert blobs.partial_offset(h) == 100  # where the next attempt resumes

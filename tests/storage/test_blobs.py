@@ -425,6 +425,66 @@ async def test_crash_point_before_partial_rename(tmp_path: Path) -> None:
     assert await BlobStore(tmp_path / "blobs").finish_partial(h, 3) == BlobInfo(h, 3)
 
 
+async def test_partial_changed_by_another_store_is_hashed_as_it_is(tmp_path: Path) -> None:
+    """The running hash covers the file's bytes, whoever appended them or replaced it."""
+    one, two = BlobStore(tmp_path / "blobs"), BlobStore(tmp_path / "blobs")
+    h = sha(b"abcdefghi")
+    await one.append_partial(h, 0, b"abc")
+    await two.append_partial(h, 3, b"def")  # grown behind one's back
+    await one.append_partial(h, 6, [b"g", b"hi"])
+    assert await one.finish_partial(h, 9) == BlobInfo(h, 9)
+
+    h2 = sha(b"xyzdef")
+    await one.append_partial(h2, 0, b"abc")  # one keeps this partial open
+    two.drop_partial(h2)
+    await two.append_partial(h2, 0, b"xyz")  # ...and it is replaced
+    await one.append_partial(h2, 3, b"def")
+    assert await one.finish_partial(h2, 6) == BlobInfo(h2, 6)
+    assert await one.verify(h2)
+
+    h3 = sha(b"abcdef")
+    await one.append_partial(h3, 0, b"abc")
+    two.drop_partial(h3)
+    with pytest.raises(ValueError, match="0 bytes, not 3"):  # gone: no resume past nothing
+        await one.append_partial(h3, 3, b"def")
+    assert files(tmp_path / "blobs" / "partial") == []
+
+
+async def test_many_partials_at_once(store: BlobStore) -> None:
+    datas = [os.urandom(5000 + i) for i in range(40)]  # more than stay open at once
+    for piece in range(5):
+        for data in datas:
+            await store.append_partial(
+                sha(data), piece * 1000, data[piece * 1000 : (piece + 1) * 1000]
+            )
+    for data in datas:
+        await store.append_partial(sha(data), 5000, data[5000:])
+        assert await store.finish_partial(sha(data), len(data)) == BlobInfo(sha(data), len(data))
+    assert all([await store.verify(sha(d)) for d in datas])
+
+
+async def test_file_reader_reads_ahead(store: BlobStore) -> None:
+    from storage.blob_io import FileReader
+
+    data = os.urandom(3 * MiB + 5)
+    info = await store.ingest(agen([data]), max_bytes=len(data))
+    reader = FileReader(store.path(info.hash))
+    assert reader.size == len(data)
+    got, pos = [], 0
+    while pos < len(data):
+        chunk = await reader.read(pos, MiB, then=MiB)
+        got.append(chunk)
+        pos += len(chunk)
+    assert b"".join(got) == data
+    assert await reader.read(10, 5) == data[10:15]  # not the range read ahead: read now
+    await store.delete(info.hash)
+    assert await reader.read(0, 4, then=4) == data[:4]  # still open: still readable
+    await reader.close()  # waits for the read in flight
+    await reader.close()
+    with pytest.raises(FileNotFoundError):
+        FileReader(store.path(info.hash))
+
+
 async def test_drop_partial_is_idempotent(store: BlobStore) -> None:
     h = sha(b"abc")
     await store.append_partial(h, 0, b"ab")
