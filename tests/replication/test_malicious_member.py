@@ -176,6 +176,8 @@ async def test_forged_and_invalid_changes_are_refused_and_honest_ones_apply(
             served.set()
             await channel.send(Certs((forger.signer.cert_der,)))
             await channel.send(batch)
+        else:  # a later session: nothing more to send, as an honest member says it
+            await channel.send(Batch((), (), lag_entries=0, lag_bytes=0))
         await asyncio.Event().wait()  # keep the session up; answer nothing else
 
     transport = mesh.transport(m_certs, m_port)
