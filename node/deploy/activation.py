@@ -82,6 +82,7 @@ async def activate_here(ctx: DeployContext, d: Deployment, *, restart: bool) -> 
         await _switch_back(ctx, project, previous)
         raise ActivationFailed(result.code or "not_ready", result.message)
     payload_hash = d.payload_hash
+    ctx.faults.hit("deploy.after_switch")
     await ctx.store.set_active(project, d.deployment_id, payload_hash)
     log.info("release_activated", project=project, deployment_id=d.deployment_id,
              previous=previous)  # fmt: skip

@@ -329,6 +329,7 @@ class Coordinator:
         await self.rec.flush()
         await self._step("stage", DeploymentStatus.STAGING)
         await self._mine(NodeStatus.STAGED, "stage", install_output=output)
+        ctx.faults.hit("deploy.after_staged")
 
     async def _replicate(self, d: Deployment, sub: Subscription) -> Deployment:
         ctx = self.ctx
@@ -433,6 +434,7 @@ class Coordinator:
             await self._await_wave(d, todo, sub)
             results = {r.node: r for r in await ctx.store.results(d.deployment_id)}
         await self.rec.phase("activate", "done")
+        ctx.faults.hit("deploy.before_success")
         d, _ = await self.rec.write(
             {"status": DeploymentStatus.SUCCESS, "completed_at": ctx.store.clock.now_ms(),
              "error": None},
@@ -455,6 +457,7 @@ class Coordinator:
                                         "phase": "activate"})  # fmt: skip
                 raise RolledBack(ctx.node, e.code, e.message) from e
             await self._mine(NodeStatus.ACTIVE, "activate")
+            ctx.faults.hit("deploy.after_active")
             await report_component(ctx, d.project)
             await prune_releases(ctx, d.project)
 

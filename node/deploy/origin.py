@@ -95,6 +95,7 @@ class Origin:
             ("phase", {"phase": "receive", "status": "start"}),
         )
         log.info("deploy_started", deployment_id=d.deployment_id, project=d.project, user=req.user)
+        self.ctx.faults.hit("deploy.after_create")
         return d, rec
 
     async def check_reachable(self, d: Deployment, rec: Recorder) -> None:

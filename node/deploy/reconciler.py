@@ -323,6 +323,7 @@ class Reconciler:
                             error=e.message)  # fmt: skip
                 return
             await self._result(d, NodeStatus.STAGED, "stage", install_output=output)
+            ctx.faults.hit("reconcile.after_staged")
         log.info("release_staged", deployment_id=d.deployment_id, project=d.project)
 
     async def _activate(self, d: Deployment) -> None:
@@ -346,6 +347,7 @@ class Reconciler:
                 await report_component(ctx, d.project)
                 return
             await self._result(d, NodeStatus.ACTIVE, "activate")
+            ctx.faults.hit("reconcile.after_active")
             await report_component(ctx, d.project)
 
     async def _serving_newer(self, d: Deployment) -> str | None:
@@ -363,6 +365,7 @@ class Reconciler:
             if ctx.components.current(d.project) != d.deployment_id:
                 ctx.components.discard_release(d.project, d.deployment_id)
                 await ctx.store.mark_staged(d.project, d.deployment_id, None, staged=False)
+            ctx.faults.hit("reconcile.before_discarded")
             await self._result(d, NodeStatus.DISCARDED, "discard")
 
     async def _give_up(self, d: Deployment, mine: NodeResult | None) -> None:
