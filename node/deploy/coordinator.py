@@ -34,7 +34,7 @@ from node.deploy.context import DeployContext
 from node.deploy.convergence import report_component
 from node.deploy.recorder import Recorder
 from node.deploy.releases import prune_releases
-from node.errors import DeployFailed
+from node.errors import DeployFailed, step_failure
 from storage.changelog import Subscription
 from storage.records import Deployment, DeploymentStatus, NodeResult, NodeStatus, Notice
 from storage.tables import DEPLOYMENTS, NODE_RESULTS
@@ -132,11 +132,7 @@ class Coordinator:
                 raise  # the node is stopping: recovery at start records the outcome
             except Exception as e:
                 log.exception("deploy_crashed", deployment_id=d.deployment_id)
-                err = DeployFailed(
-                    f"internal error: {type(e).__name__}: {e}"[:2000],
-                    code="internal_error",
-                    phase=self._phase or d.phase or "receive",
-                )
+                err = step_failure(e, phase=self._phase or d.phase or "receive")
                 await self._end_failed(d, err, sub)
                 raise err from e
 

@@ -22,7 +22,7 @@ import structlog
 from node.deploy.context import DeployContext
 from node.deploy.coordinator import Coordinator, fail
 from node.deploy.recorder import Recorder
-from node.errors import CairnError, DeployFailed, Gone
+from node.errors import CairnError, DeployFailed, Gone, step_failure
 from node.tasks import TaskSet
 from storage.errors import BlobMissing, BlobTooLarge
 from storage.records import Deployment, DeploymentStatus, NodeStatus
@@ -209,11 +209,7 @@ class Origin:
             raise
         except Exception as e:
             log.exception("deploy_request_crashed", deployment_id=d.deployment_id)
-            err = DeployFailed(
-                f"internal error: {type(e).__name__}: {e}"[:2000],
-                code="internal_error",
-                phase=d.phase or "receive",
-            )
+            err = step_failure(e, phase=d.phase or "receive")
             current = await self.ctx.store.get_deployment(d.deployment_id)
             if current is not None and not current.terminal:
                 await self.fail(current, rec, err)

@@ -36,7 +36,7 @@ from node.deploy import pipeline
 from node.deploy.activation import ActivationFailed, activate_here, restart_wanted
 from node.deploy.context import DeployContext
 from node.deploy.convergence import converge, report_component
-from node.errors import DeployFailed
+from node.errors import DeployFailed, step_failure
 from node.tasks import TaskSet
 from storage.records import Deployment, DeploymentStatus, NodeResult, NodeStatus, Notice
 from storage.tables import DEPLOYMENTS, MEMBERS, PAYLOAD_DROPS
@@ -233,8 +233,8 @@ class Reconciler:
             raise
         except Exception as e:
             log.exception("reconcile_job_crashed", deployment_id=d.deployment_id)
-            error = {"message": f"internal error: {type(e).__name__}: {e}"[:2000],
-                     "code": "internal_error", "phase": d.phase or "stage"}  # fmt: skip
+            failure = step_failure(e, phase=d.phase or "stage")
+            error = {"message": failure.message, "code": failure.code, "phase": failure.phase}
             try:
                 await self._result(d, NodeStatus.FAILED, error["phase"], error=error)
             except Exception:
