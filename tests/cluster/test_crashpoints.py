@@ -103,6 +103,8 @@ CI = {
     "origin-deploy.after_switch-error",
     "peer-deploy.extract-oserror",
     "peer-deploy.before_switch-missing",
+    # regression: a node left on the new release while its record named the old one
+    "peer-deploy.after_switch-oserror",
 }
 
 

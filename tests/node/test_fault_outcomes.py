@@ -51,6 +51,8 @@ async def _outcome(api: Api, plan: FaultPlan, point: str, kind: str) -> tuple[in
 @pytest.mark.parametrize(
     ("point", "kind", "status", "code"),
     [
+        ("deploy.after_switch", "oserror", 507, "insufficient_storage"),
+        ("deploy.after_switch", "error", 500, "internal_error"),
         ("deploy.extract", "oserror", 507, "insufficient_storage"),
         ("hook.install.start", "missing", 503, "storage_error"),
     ],
