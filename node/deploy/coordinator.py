@@ -152,7 +152,11 @@ class Coordinator:
         ctx = self.ctx
         await self._forward(sub.drain())
         mine = await self._my_result(d)
-        if mine is None or mine.status is not NodeStatus.ACTIVE:
+        if mine is not None and mine.status is NodeStatus.ACTIVE:
+            # Failed after this node switched (an error past its activation): back to
+            # the desired release, as the peers that switched do when they see it fail.
+            await self._revert_here(d)
+        else:
             async with ctx.locks(d.project):
                 ctx.components.discard_release(d.project, d.deployment_id)
                 await ctx.store.mark_staged(d.project, d.deployment_id, None, staged=False)

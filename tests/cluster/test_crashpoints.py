@@ -105,6 +105,8 @@ CI = {
     "peer-deploy.before_switch-missing",
     # regression: a node left on the new release while its record named the old one
     "peer-deploy.after_switch-oserror",
+    # regression: the origin kept running a deploy that failed after it activated
+    "origin-deploy.before_success-error",
 }
 
 

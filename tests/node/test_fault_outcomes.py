@@ -53,6 +53,8 @@ async def _outcome(api: Api, plan: FaultPlan, point: str, kind: str) -> tuple[in
     [
         ("deploy.after_switch", "oserror", 507, "insufficient_storage"),
         ("deploy.after_switch", "error", 500, "internal_error"),
+        ("deploy.after_active", "missing", 503, "storage_error"),
+        ("deploy.before_success", "error", 500, "internal_error"),
         ("deploy.extract", "oserror", 507, "insufficient_storage"),
         ("hook.install.start", "missing", 503, "storage_error"),
     ],
