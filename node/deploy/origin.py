@@ -148,9 +148,22 @@ class Origin:
                 raise
             raise err from e
         try:
-            return await self.received(d, rec, info.hash, info.size)
-        finally:
+            d = await self.received(d, rec, info.hash, info.size)
+        except BaseException as e:
             self.ctx.blobs.release(info.hash)
+            if isinstance(e, Exception):
+                # The row never named these bytes: free them now (unless another deploy
+                # uses them), not at the orphan sweep of the next start.
+                await self._free_unnamed(info.hash)
+            raise
+        self.ctx.blobs.release(info.hash)
+        return d
+
+    async def _free_unnamed(self, h: str) -> None:
+        async def unused() -> bool:
+            return await self.ctx.store.live_references(h) == 0
+
+        await self.ctx.blobs.delete_unused(h, unused)
 
     async def received(
         self, d: Deployment, rec: Recorder, payload_hash: str, size: int

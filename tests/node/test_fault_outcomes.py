@@ -66,3 +66,17 @@ async def test_an_error_at_a_step_fails_the_deploy_on_the_previous_release(
     answer, body, _v1 = await _outcome(api, plan, point, kind)
     assert (answer, body["code"]) == (status, code), body
     assert body["deployment_id"]
+
+
+@pytest.mark.parametrize("kind", ["oserror", "error", "missing"])
+async def test_a_payload_whose_hash_was_never_recorded_is_freed_at_once(
+    faulty: tuple[Api, FaultPlan], kind: str
+) -> None:
+    """An error between the upload and the row naming its hash left the blob in the store,
+    named by no row, until the orphan sweep of the next start."""
+    api, plan = faulty
+    await _outcome(api, plan, "deploy.after_receive", kind)
+    blobs = Services(api.app).ctx.blobs
+    store = Services(api.app).store
+    named = {d.payload_hash for d in await store.deployments()}
+    assert set(blobs.hashes()) == named - {None}
