@@ -107,6 +107,8 @@ CI = {
     "peer-deploy.after_switch-oserror",
     # regression: the origin kept running a deploy that failed after it activated
     "origin-deploy.before_success-error",
+    # regression: a payload named by no row left in the blob store
+    "origin-deploy.after_receive-oserror",
 }
 
 
@@ -156,6 +158,16 @@ def _previous(rig: CrashRig) -> str:
     (active,) = rig.active()
     assert active is not None
     return active
+
+
+def _allow_internal_error(found: dict[str, list[str]]) -> None:
+    """An injected bug on the origin answers 500 ``internal_error`` (checked above): not an
+    anomaly of this case."""
+    kept = [a for a in found.get("acknowledged", []) if "'internal_error'" not in a]
+    if kept:
+        found["acknowledged"] = kept
+    else:
+        found.pop("acknowledged", None)
 
 
 def _report(rig: CrashRig, case: Case, found: dict[str, list[str]]) -> str:
@@ -231,6 +243,8 @@ def test_an_error_at_each_deploy_step_is_an_outcome(rig: CrashRig, case: Case) -
     else:
         assert op.status != 500, op.line()
     found = rig.anomalies()
+    if case.kind == "error" and case.role == "origin":
+        _allow_internal_error(found)
     assert not found, _report(rig, case, found)
     dep = op.deployment_id
     assert dep is not None, op.line()
