@@ -316,11 +316,10 @@ def blobs_intact(snaps: list[Snapshot], history: History, monitor: Monitor | Non
 
 
 def no_orphan_blobs(snaps: list[Snapshot], history: History, monitor: Monitor | None) -> list[str]:
-    """Every stored blob is the payload of a deployment whose payload was not dropped."""
+    """Every stored blob (and partial fetch) is the payload of a deployment whose payload
+    was not dropped."""
     return [
-        f"{s.node}: blob {b[:12]} is referenced by no live deployment"
-        for s in snaps
-        for b in s.orphan_blobs
+        f"{s.node}: {b} is referenced by no live deployment" for s in snaps for b in s.orphan_blobs
     ]
 
 

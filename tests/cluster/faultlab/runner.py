@@ -27,6 +27,7 @@ from faultlab.checkers import Snapshot, check_all, converged, snapshot
 from faultlab.history import FaultEvent, History, Monitor, Op
 from faultlab.lab import FaultLab
 from faultlab.schedule import Fault, OpSpec, Round, Schedule, make_schedule
+from node.cli.local.layout import node_names
 
 __all__ = ["Result", "RunSettings", "run_history"]
 
@@ -46,9 +47,10 @@ class RunSettings:
     deploy_timeout_ms: int = 10_000
     #: How long the healed cluster may take to become quiet before it is judged anyway.
     settle_s: float = 180.0
-    #: Change-log bounds small enough that trimming (and compacted catch-up) happens.
-    log_max_entries: int = 400
+    #: Trimming runs often (the seed picks how small the change log is).
     maintain_s: float = 2.0
+    #: Blobs cross in many small chunks, so faults land in the middle of transfers.
+    chunk_bytes: int = 16 * 1024
 
 
 @dataclass
@@ -126,12 +128,14 @@ class _Player:
         if spec.kind == "deploy_failing_check":
             victim = self.lab.members[spec.pick % len(self.lab.members)]
             check = f'test "$CAIRN_NODE" != "{victim}" && echo checked'
+        files = {"data.txt": "x" * (spec.pick % 4096)}
+        if spec.pick % 4 == 0:  # some payloads take many chunks to cross
+            noise = random.Random(spec.pick).randbytes(100_000 + spec.pick % 400_000)
+            files["noise.hex"] = noise.hex()
         payload = component(
-            install='echo "installing on $CAIRN_NODE"',
-            check=check,
-            v=f"{self.schedule.seed}-{index}",
-            **{"data.txt": "x" * (spec.pick % 4096)},
-        )
+            install='echo "installing on $CAIRN_NODE"', check=check,
+            v=f"{self.schedule.seed}-{index}", **files,
+        )  # fmt: skip
         with self._lock:
             self.payloads.append(payload)
         return payload
@@ -272,6 +276,16 @@ class _Player:
             return
         self.open_faults.append((fault, event))
 
+    def crash_all(self) -> None:
+        """SIGKILL every member at once (healing starts them all again)."""
+        event = self.history.fault("crash_all", ", ".join(self.lab.members))
+        self.faults["crash_all"] += 1
+        for timer in self.timers:
+            timer.join()
+        for name in self.lab.members:
+            self.lab.kill(name)
+        self.open_faults.append((Fault("crash_all"), event))
+
     def _resume(self, name: str, event: FaultEvent) -> None:
         self.lab.resume(name)
         event.healed = self.history.now()
@@ -334,19 +348,17 @@ def run_history(
     """Play the schedule ``seed`` picks on a new cluster under ``root``, heal, check."""
     settings = settings or RunSettings()
     started = time.monotonic()
-    lab = FaultLab(
-        root,
-        settings.nodes,
-        spares=settings.spares,
-        replication={
-            "maintain_s": settings.maintain_s,
-            "log_max_entries": settings.log_max_entries,
-        },
-        extra_toml="[retention]\nkeep_successful = 1\nfailed_grace_s = 0\nkeep_releases = 1\n",
-    )
+    names = node_names(settings.nodes + settings.spares)
     schedule = make_schedule(
-        seed, lab.initial, rounds=settings.rounds, spares=lab.spares, max_ops=settings.max_ops
-    )
+        seed, names[: settings.nodes], rounds=settings.rounds,
+        spares=names[settings.nodes :], max_ops=settings.max_ops,
+    )  # fmt: skip
+    lab = FaultLab(
+        root, settings.nodes, spares=settings.spares,
+        replication={"maintain_s": settings.maintain_s, "chunk_bytes": settings.chunk_bytes,
+                     "chunk_credit": 4, "log_max_entries": schedule.log_max_entries},
+        extra_toml="[retention]\nkeep_successful = 1\nfailed_grace_s = 0\nkeep_releases = 1\n",
+    )  # fmt: skip
     history = History(seed)
     result = Result(seed, schedule, history)
     monitor = Monitor(lambda: lab.responsive, history)
@@ -357,6 +369,8 @@ def run_history(
         player = _Player(lab, schedule, history, settings)
         for number, r in enumerate(schedule.rounds):
             player.play_round(r, number)
+        if schedule.final_crash:
+            player.crash_all()
         player.heal()
         history.note("healed")
         lab.wait_connected(timeout_s=120)

@@ -110,9 +110,16 @@ class Schedule:
     rounds: tuple[Round, ...]
     nodes: tuple[str, ...]
     spares: tuple[str, ...] = field(default=())
+    #: The change log's size bound: small ones make trimming (and compacted catch-up) happen.
+    log_max_entries: int = 1_000_000
+    #: SIGKILL every node at the end, before healing (a whole-cluster restart).
+    final_crash: bool = False
 
     def describe(self) -> str:
-        lines = [f"seed {self.seed}: {len(self.rounds)} rounds on {', '.join(self.nodes)}"]
+        lines = [
+            f"seed {self.seed}: {len(self.rounds)} rounds on {', '.join(self.nodes)}; "
+            f"log_max_entries {self.log_max_entries}; final crash {self.final_crash}"
+        ]
         for i, r in enumerate(self.rounds):
             ops = ", ".join(f"{o.kind}@{o.node}:{o.project}" for o in r.ops)
             member = f"{r.membership} spare; " if r.membership else ""
@@ -178,11 +185,13 @@ def make_schedule(
             members = [m for m in members if m != spares[0]]
         # Faults hit the initial nodes only (a spare joining is fault enough).
         fault = _fault(rng, list(nodes))
+        # A third of the rounds race their operations on one project from several nodes.
+        same = rng.choice(PROJECTS) if rng.random() < 0.35 else None
         ops = tuple(
             OpSpec(
                 kind=_weighted(rng, OP_KINDS),
                 node=rng.choice(members),
-                project=rng.choice(PROJECTS),
+                project=same or rng.choice(PROJECTS),
                 pick=rng.randrange(1 << 30),
                 restart=rng.choice(RESTART_MODES),
                 ignore_replication_errors=rng.random() < 0.25,
@@ -192,4 +201,7 @@ def make_schedule(
         out.append(
             Round(ops, fault, round(rng.uniform(0.0, 2.0), 2), rng.random() < 0.75, membership)
         )
-    return Schedule(seed, tuple(out), tuple(nodes), tuple(spares))
+    return Schedule(
+        seed, tuple(out), tuple(nodes), tuple(spares),
+        log_max_entries=rng.choice((60, 200, 1_000_000)), final_crash=rng.random() < 0.3,
+    )  # fmt: skip
