@@ -191,8 +191,9 @@ class BlobStore:
                 del self._locks[hash]
 
     async def delete_unused(self, hash: str, unused: Callable[[], Awaitable[bool]]) -> int:
-        """Delete blob ``hash`` if nothing holds it and ``unused()`` still says so; the
-        check and the delete are one step against ingests of the same bytes.
+        """Delete blob ``hash`` (and a partial fetch of it) if nothing holds it and
+        ``unused()`` still says so; the check and the delete are one step against ingests
+        of the same bytes.
 
         Returns:
             Bytes freed (0 when kept or absent).
@@ -201,6 +202,9 @@ class BlobStore:
             # Held before or taken while ``unused()`` ran (a stage or download starting).
             if self.held(hash) or not await unused() or self.held(hash):
                 return 0
+            # A fetch of it broken off earlier (no fetch runs: it would hold the hash)
+            # will never be resumed for an unused blob: its bytes go too.
+            self._partials.drop(hash)
             return await self.delete(hash)
 
     def path(self, hash: str) -> Path:
