@@ -27,7 +27,7 @@ from faultlab.soak import soak
 
 SOAK_MINUTES = float(os.environ.get("CAIRN_SOAK_MINUTES", "0") or 0)
 #: Seeds CI runs (each a full history on 3 real nodes plus a spare).
-CI_SEEDS = (1,)
+CI_SEEDS = (2,)
 #: Seeds that once found a defect, kept as regression tests (see docs/reliability.md).
 REGRESSION_SEEDS: tuple[int, ...] = ()
 
@@ -188,7 +188,7 @@ def test_a_seed_picks_the_same_schedule() -> None:
 @pytest.mark.skipif(SOAK_MINUTES > 0, reason="the soak runs instead")
 @pytest.mark.parametrize("seed", [*CI_SEEDS, *REGRESSION_SEEDS])
 def test_a_seeded_history_leaves_no_anomaly(seed: int, tmp_path: Path) -> None:
-    result = run_history(seed, tmp_path / f"seed-{seed}", RunSettings(rounds=6))
+    result = run_history(seed, tmp_path / f"seed-{seed}", RunSettings(rounds=5))
     assert result.answered > 0
     assert not result.anomalies, result.report() + "\n" + result.logs
 
