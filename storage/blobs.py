@@ -154,6 +154,8 @@ class BlobStore:
         self._held: Counter[str] = Counter()
         self._locks: dict[str, asyncio.Lock] = {}
         self._lock_users: Counter[str] = Counter()
+        #: Deletes that found the blob held: asked again once nothing holds it.
+        self._deferred: set[str] = set()
 
     # -- in use -------------------------------------------------------------------------
 
@@ -172,6 +174,11 @@ class BlobStore:
 
     def held(self, hash: str) -> bool:
         return self._held.get(hash, 0) > 0
+
+    def deferred(self) -> list[str]:
+        """Blobs a :meth:`delete_unused` found held that nothing holds any more: the
+        caller asks again (a drop that raced a stage or a download must still free it)."""
+        return sorted(h for h in self._deferred if not self.held(h))
 
     @asynccontextmanager
     async def _locked(self, hash: str) -> AsyncIterator[None]:
@@ -201,7 +208,10 @@ class BlobStore:
         async with self._locked(hash):
             # Held before or taken while ``unused()`` ran (a stage or download starting).
             if self.held(hash) or not await unused() or self.held(hash):
+                if self.held(hash):
+                    self._deferred.add(hash)
                 return 0
+            self._deferred.discard(hash)
             # A fetch of it broken off earlier (no fetch runs: it would hold the hash)
             # will never be resumed for an unused blob: its bytes go too.
             self._partials.drop(hash)

@@ -157,6 +157,14 @@ class Reconciler:
             left = await store.get_deployment(r.deployment_id)
             if left is not None and left.terminal:
                 await self.consider(left)
+        for h in self.ctx.blobs.deferred():  # payload drops that found the blob in use
+            await self._free_if_unused(h)
+
+    async def _free_if_unused(self, payload_hash: str) -> int:
+        async def unused() -> bool:
+            return await self.ctx.store.live_references(payload_hash) == 0
+
+        return await self.ctx.blobs.delete_unused(payload_hash, unused)
 
     # -- deciding -------------------------------------------------------------------------
 
