@@ -153,7 +153,10 @@ def test_each_checker_reports_its_anomaly(tmp_path: Path) -> None:
     assert "acknowledged" in check_all([_snap("n1", "failed"), _snap("n2", "failed")], h, None)
     h.ops.clear()
     _ack(h, 500)
-    assert "acknowledged" in check_all([_snap("n1"), _snap("n2")], h, None)
+    assert "acknowledged" in check_all([_snap("n1"), _snap("n2", "success")], h, None)
+    h.ops[0].answer = {"deployment_id": "d1", "error": "injected fault at deploy.extract"}
+    h.ops[0].status = 500
+    assert "acknowledged" not in check_all([_snap("n1", "failed"), _snap("n2", "failed")], h, None)
     h.ops.clear()
     moved = _snap("n2")
     moved.current = {"p": "d0"}
