@@ -191,7 +191,11 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
     config, seams = app[CONFIG], app[SEAMS]
     data = config.node.data_dir
     store = await Store.open(
-        data / "cairn.db", node=config.node.name, clock=seams.clock, signer=app[_SIGNER]
+        data / "cairn.db",
+        node=config.node.name,
+        clock=seams.clock,
+        signer=app[_SIGNER],
+        faults=seams.faults,
     )
     try:
         await store.resign()

@@ -15,14 +15,15 @@ Anything else that escapes a handler is a bug and becomes a logged 500.
     ├── TooLarge             413
     ├── TooManyRequests      429  too_many_requests (sends Retry-After)
     ├── DeployFailed         status and code of the cause (422 bad_payload, unsafe_payload,
-    │                        install_failed, check_failed; 503 replication_failed;
-    │                        504 deployment_timeout; 410 payload_gone; interrupted;
-    │                        507 insufficient_storage)
+    │                        install_failed, check_failed; 503 replication_failed,
+    │                        storage_error; 504 deployment_timeout; 507
+    │                        insufficient_storage; 410 payload_gone; interrupted)
     └── Unavailable          503  cluster not reachable
 """
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 __all__ = [
@@ -38,6 +39,8 @@ __all__ = [
     "TooManyRequests",
     "Unauthorized",
     "Unavailable",
+    "is_disk_full",
+    "step_failure",
 ]
 
 
@@ -133,8 +136,43 @@ _DEPLOY_STATUS = {
     "too_large": 413,
     "upload_failed": 400,
     "package_fetch_failed": 422,
+    "storage_error": 503,
     "insufficient_storage": 507,
 }
+
+#: errnos that mean the node's disk (or the user's quota on it) is full.
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether ``e``, or an exception it was raised from, says the disk is full (ENOSPC,
+    EDQUOT, or SQLite's "database or disk is full")."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in _NO_SPACE:
+            return True
+        if "database or disk is full" in str(cur):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def step_failure(e: Exception, *, phase: str) -> DeployFailed:
+    """The outcome of an exception no deploy step expected (SPEC 4).
+
+    A full disk is ``insufficient_storage`` (507) and any other I/O error (a file that
+    vanished, a failing device) ``storage_error`` (503): the node's storage failed, not
+    the payload and not the code. Anything else is a bug: ``internal_error`` (500).
+    """
+    text = f"{type(e).__name__}: {e}"
+    if is_disk_full(e):
+        return DeployFailed(f"no space left on the node's disk: {text}"[:2000],
+                            code="insufficient_storage", phase=phase)  # fmt: skip
+    if isinstance(e, OSError):
+        return DeployFailed(f"storage error: {text}"[:2000], code="storage_error", phase=phase)
+    return DeployFailed(f"internal error: {text}"[:2000], code="internal_error", phase=phase)
 
 
 class DeployFailed(CairnError):

@@ -3,7 +3,8 @@
 ``/health`` says the process serves (liveness: restart it when this fails).
 ``/ready`` says whether this node is fit to take work, and if not, why (readiness: route
 traffic elsewhere meanwhile): every configured peer connected, no change refused or
-quarantined since start, every project converged here, and the certificate not expiring
+quarantined since start, the bootstrap user present (a joining node creates it once
+caught up), every project converged here, and the certificate not expiring
 within the warning window (that one is reported but does not make the node unready).
 """
 
@@ -13,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from node.appkeys import CONFIG, STORE, Services
+from node.appkeys import ACCOUNTS, CONFIG, STORE, Services
 
 __all__ = ["health", "readiness", "ready"]
 
@@ -34,7 +35,15 @@ async def readiness(app: web.Application) -> tuple[bool, list[str], list[str]]:
             if refused:
                 reasons.append(f"{refused} change(s) from {peer['name']} were refused")
         warnings += list(status.get("warnings", []))
-    me = app[CONFIG].node.name
+    config = app[CONFIG]
+    if not await app[ACCOUNTS].user_known(config.auth.bootstrap_user):
+        # A node joining a cluster creates its bootstrap user only once it has caught up
+        # (the cluster may have it already): until then nobody can sign in here.
+        reasons.append(
+            f"accounts: user {config.auth.bootstrap_user!r} not here yet (waiting to catch "
+            "up with peers before creating it)"
+        )
+    me = config.node.name
     for row in await app[STORE].components():
         if row["node"] == me and not row["converged"]:
             reasons.append(f"{row['project']}: {row['reason'] or 'not converged'}")

@@ -266,6 +266,8 @@ async def apply_batch(
             )
             tx.logged += len(batch.log_rows)
         await _record_refusals(tx, peer, batch.report.refusals)
+        store.faults.hit("apply.before_commit")
+    store.faults.hit("apply.after_commit")
     for version in batch.observed:
         store.clock.observe(version)
     for refusal in batch.report.refusals:

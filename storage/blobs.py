@@ -158,6 +158,8 @@ class BlobStore:
         #: Called with the bytes received so far after each batch of an ingest (the
         #: node's free-space check); whatever it raises aborts the ingest.
         self.guard: Callable[[int], Awaitable[None]] | None = None
+        #: Deletes that found the blob held: asked again once nothing holds it.
+        self._deferred: set[str] = set()
 
     # -- in use -------------------------------------------------------------------------
 
@@ -177,6 +179,11 @@ class BlobStore:
     def held(self, hash: str) -> bool:
         return self._held.get(hash, 0) > 0
 
+    def deferred(self) -> list[str]:
+        """Blobs a :meth:`delete_unused` found held that nothing holds any more: the
+        caller asks again (a drop that raced a stage or a download must still free it)."""
+        return sorted(h for h in self._deferred if not self.held(h))
+
     @asynccontextmanager
     async def _locked(self, hash: str) -> AsyncIterator[None]:
         """One step at a time per hash (install of an ingest, delete); the lock lives
@@ -195,8 +202,9 @@ class BlobStore:
                 del self._locks[hash]
 
     async def delete_unused(self, hash: str, unused: Callable[[], Awaitable[bool]]) -> int:
-        """Delete blob ``hash`` if nothing holds it and ``unused()`` still says so; the
-        check and the delete are one step against ingests of the same bytes.
+        """Delete blob ``hash`` (and a partial fetch of it) if nothing holds it and
+        ``unused()`` still says so; the check and the delete are one step against ingests
+        of the same bytes.
 
         Returns:
             Bytes freed (0 when kept or absent).
@@ -204,7 +212,13 @@ class BlobStore:
         async with self._locked(hash):
             # Held before or taken while ``unused()`` ran (a stage or download starting).
             if self.held(hash) or not await unused() or self.held(hash):
+                if self.held(hash):
+                    self._deferred.add(hash)
                 return 0
+            self._deferred.discard(hash)
+            # A fetch of it broken off earlier (no fetch runs: it would hold the hash)
+            # will never be resumed for an unused blob: its bytes go too.
+            self._partials.drop(hash)
             return await self.delete(hash)
 
     def path(self, hash: str) -> Path:

@@ -39,6 +39,7 @@ from storage.entries import (
     signing_message,
 )
 from storage.errors import StorageError
+from storage.faults import NO_FAULTS, Faults
 from storage.hlc import HybridClock
 from storage.logstate import LogState
 from storage.records import LogInfo, Notice
@@ -72,8 +73,10 @@ class Store(DeploymentRows, LogReads, AuditLog):
         feed: ChangeFeed,
         logs: LogState,
         signer: Signer,
+        faults: Faults = NO_FAULTS,
     ) -> None:
         self.db = db
+        self.faults = faults
         self.node = node
         self.clock = clock
         self.feed = feed
@@ -89,6 +92,7 @@ class Store(DeploymentRows, LogReads, AuditLog):
         clock: HybridClock | None = None,
         feed: ChangeFeed | None = None,
         signer: Signer = UNSIGNED,
+        faults: Faults = NO_FAULTS,
     ) -> Store:
         """Open (or create) the database at ``path``, migrate it, and get it ready.
 
@@ -106,7 +110,7 @@ class Store(DeploymentRows, LogReads, AuditLog):
             logs = await LogState.load(db, log_id, node)
             store = cls(
                 db, node=node, clock=clock or HybridClock(), feed=feed or ChangeFeed(),
-                logs=logs, signer=signer,
+                logs=logs, signer=signer, faults=faults,
             )  # fmt: skip
             if fresh:
                 async with store.tx() as tx:

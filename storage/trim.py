@@ -130,6 +130,7 @@ async def trim(store: Store, members: Iterable[str], policy: TrimPolicy) -> Trim
             count -= report.by_size
         report.remaining = count
         report.audit = await store.trim_audit(tx, policy.audit_max_entries)
+        store.faults.hit("trim.before_commit")
     return report
 
 

@@ -102,3 +102,15 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what or predicate}")
         await asyncio.sleep(0.01)
+
+
+async def until_users_here(api: Api, timeout_s: float = 30.0) -> None:
+    """Wait until a joining node has its bootstrap user (``/ready`` stops naming it),
+    without signing in meanwhile: repeated 401s would lock the user name out."""
+
+    async def here() -> bool:
+        resp = await api.client.get("/ready")
+        reasons = (await resp.json())["reasons"]
+        return not any(r.startswith("accounts:") for r in reasons)
+
+    await wait_until(here, timeout_s=timeout_s, what="the bootstrap user")

@@ -115,13 +115,22 @@ class NodeProcess:
                 return False
 
         wait_for(healthy, timeout_s=timeout_s, what=f"node {self.name} to be healthy")
+
         # A node joining a cluster creates its admin user only once it has caught up (or
-        # given up waiting): until then it answers 401.
-        wait_for(
-            lambda: self.op("list_roles", timeout_s=5)[0] != 401,
-            timeout_s=timeout_s,
-            what=f"node {self.name} to have its admin user",
-        )
+        # given up waiting): until then it answers 401, and signing in again and again
+        # would lock the user name out. /ready says when the user is there.
+        def has_admin() -> bool:
+            try:
+                with urllib.request.urlopen(f"{self.url}/ready", timeout=2) as r:
+                    reasons = json.load(r)["reasons"]
+            except urllib.error.HTTPError as e:  # 503: not ready, for some reason
+                reasons = json.load(e)["reasons"]
+            except (urllib.error.URLError, OSError):
+                return False
+            return not any(x.startswith("accounts:") for x in reasons)
+
+        wait_for(has_admin, timeout_s=timeout_s, interval_s=0.1,
+                 what=f"node {self.name} to have its admin user")  # fmt: skip
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

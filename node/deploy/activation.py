@@ -57,7 +57,8 @@ async def activate_here(ctx: DeployContext, d: Deployment, *, restart: bool) -> 
     Raises:
         ActivationFailed: ``activation_failed`` (the switch failed) or ``not_ready``
             (the process exited or was not ready in time); the previous release is
-            active and running again.
+            active and running again. Any other exception also leaves the previous
+            release active and running.
     """
     if d.kind == "drop":
         return await deactivate_here(ctx, d.project)
@@ -70,19 +71,29 @@ async def activate_here(ctx: DeployContext, d: Deployment, *, restart: bool) -> 
     except Exception as e:
         log.warning("switch_failed", project=project, deployment_id=d.deployment_id, error=str(e))
         raise ActivationFailed("activation_failed", f"switching to the release failed: {e}") from e
-    spec = _run_spec(release)
-    # ``restart: false`` leaves a running process alone; one not running yet starts.
-    running = ctx.runner.state(project).running
-    result = await ctx.runner.switch(
-        project, d.deployment_id, release, spec, restart=restart or not running
-    )
-    if not result.ok:
-        log.warning("release_not_ready", project=project, deployment_id=d.deployment_id,
-                    reason=result.message)  # fmt: skip
+    try:
+        spec = _run_spec(release)
+        # ``restart: false`` leaves a running process alone; one not running yet starts.
+        running = ctx.runner.state(project).running
+        result = await ctx.runner.switch(
+            project, d.deployment_id, release, spec, restart=restart or not running
+        )
+        if not result.ok:
+            log.warning("release_not_ready", project=project, deployment_id=d.deployment_id,
+                        reason=result.message)  # fmt: skip
+            await _switch_back(ctx, project, previous)
+            raise ActivationFailed(result.code or "not_ready", result.message)
+        ctx.faults.hit("deploy.after_switch")
+        await ctx.store.set_active(project, d.deployment_id, d.payload_hash)
+    except ActivationFailed:
+        raise
+    except Exception as e:
+        # Anything else once switched (a full disk while recording it, a bug) must not
+        # leave the node running a release its record does not name: back, then raise.
+        log.warning("activation_crashed", project=project, deployment_id=d.deployment_id,
+                    error=f"{type(e).__name__}: {e}")  # fmt: skip
         await _switch_back(ctx, project, previous)
-        raise ActivationFailed(result.code or "not_ready", result.message)
-    payload_hash = d.payload_hash
-    await ctx.store.set_active(project, d.deployment_id, payload_hash)
+        raise
     log.info("release_activated", project=project, deployment_id=d.deployment_id,
              previous=previous)  # fmt: skip
     return previous

@@ -107,6 +107,7 @@ async def converge(ctx: DeployContext, project: str) -> None:
     if current is not None and gone:
         await _mine(ctx, current, NodeStatus.ROLLED_BACK)
     await _mine(ctx, desired, NodeStatus.ACTIVE, late=True)
+    ctx.faults.hit("converge.after_active")
     await report_component(ctx, project)
     await prune_releases(ctx, project)
 

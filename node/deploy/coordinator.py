@@ -34,7 +34,7 @@ from node.deploy.context import DeployContext
 from node.deploy.convergence import report_component
 from node.deploy.recorder import Recorder
 from node.deploy.releases import prune_releases
-from node.errors import DeployFailed
+from node.errors import DeployFailed, step_failure
 from storage.changelog import Subscription
 from storage.records import Deployment, DeploymentStatus, NodeResult, NodeStatus, Notice
 from storage.tables import DEPLOYMENTS, NODE_RESULTS
@@ -134,11 +134,7 @@ class Coordinator:
                 raise  # the node is stopping: recovery at start records the outcome
             except Exception as e:
                 log.exception("deploy_crashed", deployment_id=d.deployment_id)
-                err = DeployFailed(
-                    f"internal error: {type(e).__name__}: {e}"[:2000],
-                    code="internal_error",
-                    phase=self._phase or d.phase or "receive",
-                )
+                err = step_failure(e, phase=self._phase or d.phase or "receive")
                 await self._end_failed(d, err, sub)
                 raise err from e
 
@@ -158,7 +154,11 @@ class Coordinator:
         ctx = self.ctx
         await self._forward(sub.drain())
         mine = await self._my_result(d)
-        if mine is None or mine.status is not NodeStatus.ACTIVE:
+        if mine is not None and mine.status is NodeStatus.ACTIVE:
+            # Failed after this node switched (an error past its activation): back to
+            # the desired release, as the peers that switched do when they see it fail.
+            await self._revert_here(d)
+        else:
             async with ctx.locks(d.project):
                 ctx.components.discard_release(d.project, d.deployment_id)
                 await ctx.store.mark_staged(d.project, d.deployment_id, None, staged=False)
@@ -370,6 +370,7 @@ class Coordinator:
         await self.rec.flush()
         await self._step("stage", DeploymentStatus.STAGING)
         await self._mine(NodeStatus.STAGED, "stage", install_output=output)
+        ctx.faults.hit("deploy.after_staged")
 
     async def _replicate(self, d: Deployment, sub: Subscription) -> Deployment:
         ctx = self.ctx
@@ -477,6 +478,7 @@ class Coordinator:
             await self._await_wave(d, todo, sub)
             results = {r.node: r for r in await ctx.store.results(d.deployment_id)}
         await self.rec.phase("activate", "done")
+        ctx.faults.hit("deploy.before_success")
         d, _ = await self.rec.write(
             {"status": DeploymentStatus.SUCCESS, "completed_at": ctx.store.clock.now_ms(),
              "error": None},
@@ -499,6 +501,7 @@ class Coordinator:
                                         "phase": "activate"})  # fmt: skip
                 raise RolledBack(ctx.node, e.code, e.message) from e
             await self._mine(NodeStatus.ACTIVE, "activate")
+            ctx.faults.hit("deploy.after_active")
             await report_component(ctx, d.project)
             await prune_releases(ctx, d.project)
 

@@ -22,8 +22,8 @@ import structlog
 from node.deploy.context import DeployContext
 from node.deploy.coordinator import Coordinator, fail
 from node.deploy.recorder import Recorder
-from node.deploy.space import INSUFFICIENT_STORAGE, is_disk_full
-from node.errors import CairnError, DeployFailed, Gone
+from node.deploy.space import INSUFFICIENT_STORAGE
+from node.errors import CairnError, DeployFailed, Gone, is_disk_full, step_failure
 from node.tasks import TaskSet
 from storage.errors import BlobTooLarge, StorageError
 from storage.records import Deployment, DeploymentStatus, NodeStatus
@@ -123,12 +123,20 @@ class Origin:
         }
         d = await self.ctx.store.create_deployment(fields)
         rec = Recorder(self.ctx.store, d.deployment_id)
-        d, _ = await rec.write(
-            None,
-            ("deployment", {"deployment_id": d.deployment_id, "project": d.project}),
-            ("phase", {"phase": "receive", "status": "start"}),
-        )
-        log.info("deploy_started", deployment_id=d.deployment_id, project=d.project, user=req.user)
+        try:
+            d, _ = await rec.write(
+                None,
+                ("deployment", {"deployment_id": d.deployment_id, "project": d.project}),
+                ("phase", {"phase": "receive", "status": "start"}),
+            )
+            log.info(
+                "deploy_started", deployment_id=d.deployment_id, project=d.project, user=req.user
+            )
+            self.ctx.faults.hit("deploy.after_create")
+        except Exception as e:  # the row exists: it ends with what went wrong
+            err = step_failure(e, phase="receive")
+            await self.fail(d, rec, err)
+            raise err from e
         return d, rec
 
     async def check_reachable(self, d: Deployment, rec: Recorder) -> None:
@@ -181,9 +189,22 @@ class Origin:
                 raise
             raise err from e
         try:
-            return await self.received(d, rec, info.hash, info.size)
-        finally:
+            d = await self.received(d, rec, info.hash, info.size)
+        except BaseException as e:
             self.ctx.blobs.release(info.hash)
+            if isinstance(e, Exception):
+                # The row never named these bytes: free them now (unless another deploy
+                # uses them), not at the orphan sweep of the next start.
+                await self._free_unnamed(info.hash)
+            raise
+        self.ctx.blobs.release(info.hash)
+        return d
+
+    async def _free_unnamed(self, h: str) -> None:
+        async def unused() -> bool:
+            return await self.ctx.store.live_references(h) == 0
+
+        await self.ctx.blobs.delete_unused(h, unused)
 
     async def received(
         self, d: Deployment, rec: Recorder, payload_hash: str, size: int
@@ -252,11 +273,7 @@ class Origin:
             raise
         except Exception as e:
             log.exception("deploy_request_crashed", deployment_id=d.deployment_id)
-            err = DeployFailed(
-                f"internal error: {type(e).__name__}: {e}"[:2000],
-                code="internal_error",
-                phase=d.phase or "receive",
-            )
+            err = step_failure(e, phase=d.phase or "receive")
             current = await self.ctx.store.get_deployment(d.deployment_id)
             if current is not None and not current.terminal:
                 await self.fail(current, rec, err)

@@ -24,8 +24,8 @@ from node.deploy.component_config import HookSpec, load_component_config
 from node.deploy.context import DeployContext
 from node.deploy.extract import extract_release
 from node.deploy.hooks import OutputTail, TailDict, run_hook
-from node.deploy.space import extraction_estimate, insufficient, is_disk_full
-from node.errors import DeployFailed
+from node.deploy.space import extraction_estimate, insufficient
+from node.errors import DeployFailed, is_disk_full
 from storage.errors import BlobCorrupt, BlobMissing, StorageError
 from storage.records import Deployment, NodeStatus
 

@@ -37,7 +37,7 @@ from node.deploy.activation import ActivationFailed, activate_here, restart_want
 from node.deploy.backfill import backfill_payloads
 from node.deploy.context import DeployContext
 from node.deploy.convergence import converge, report_component
-from node.errors import DeployFailed
+from node.errors import DeployFailed, step_failure
 from node.tasks import TaskSet
 from storage.records import Deployment, DeploymentStatus, NodeResult, NodeStatus, Notice
 from storage.tables import DEPLOYMENTS, MEMBERS, PAYLOAD_DROPS
@@ -159,6 +159,14 @@ class Reconciler:
             left = await store.get_deployment(r.deployment_id)
             if left is not None and left.terminal:
                 await self.consider(left)
+        for h in self.ctx.blobs.deferred():  # payload drops that found the blob in use
+            await self._free_if_unused(h)
+
+    async def _free_if_unused(self, payload_hash: str) -> int:
+        async def unused() -> bool:
+            return await self.ctx.store.live_references(payload_hash) == 0
+
+        return await self.ctx.blobs.delete_unused(payload_hash, unused)
 
     # -- deciding -------------------------------------------------------------------------
 
@@ -241,8 +249,8 @@ class Reconciler:
             raise
         except Exception as e:
             log.exception("reconcile_job_crashed", deployment_id=d.deployment_id)
-            error = {"message": f"internal error: {type(e).__name__}: {e}"[:2000],
-                     "code": "internal_error", "phase": d.phase or "stage"}  # fmt: skip
+            failure = step_failure(e, phase=d.phase or "stage")
+            error = {"message": failure.message, "code": failure.code, "phase": failure.phase}
             try:
                 await self._result(d, NodeStatus.FAILED, error["phase"], error=error)
             except Exception:
@@ -335,6 +343,7 @@ class Reconciler:
                             error=e.message)  # fmt: skip
                 return
             await self._result(d, NodeStatus.STAGED, "stage", install_output=output)
+            ctx.faults.hit("reconcile.after_staged")
         log.info("release_staged", deployment_id=d.deployment_id, project=d.project)
 
     async def _activate(self, d: Deployment) -> None:
@@ -358,6 +367,7 @@ class Reconciler:
                 await report_component(ctx, d.project)
                 return
             await self._result(d, NodeStatus.ACTIVE, "activate")
+            ctx.faults.hit("reconcile.after_active")
             await report_component(ctx, d.project)
 
     async def _serving_newer(self, d: Deployment) -> str | None:
@@ -375,6 +385,7 @@ class Reconciler:
             if ctx.components.current(d.project) != d.deployment_id:
                 ctx.components.discard_release(d.project, d.deployment_id)
                 await ctx.store.mark_staged(d.project, d.deployment_id, None, staged=False)
+            ctx.faults.hit("reconcile.before_discarded")
             await self._result(d, NodeStatus.DISCARDED, "discard")
 
     async def _give_up(self, d: Deployment, mine: NodeResult | None) -> None:

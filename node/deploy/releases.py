@@ -38,6 +38,7 @@ async def prune_releases(ctx: DeployContext, project: str) -> list[str]:
         if deployment_id in keep:
             continue
         components.discard_release(project, deployment_id)
+        ctx.faults.hit("releases.after_discard")
         if deployment_id in staged:
             await store.mark_staged(project, deployment_id, None, staged=False)
         removed.append(deployment_id)

@@ -5,13 +5,12 @@ fetch, an extraction) and while a payload streams in; the real guard is
 :class:`node.deploy.pressure.DiskPressure`, which reclaims first and refuses with
 ``insufficient_storage`` (507) only when reclaiming cannot make room. A node without one
 (:class:`Unguarded`) admits everything. Whatever the guard says, a write can still meet a
-full disk (another process filled it): :func:`is_disk_full` recognises that error
+full disk (another process filled it): :func:`node.errors.is_disk_full` recognises that error
 wherever it is wrapped, so the step that met it ends ``insufficient_storage`` as well.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import struct
 from pathlib import Path
@@ -25,11 +24,9 @@ __all__ = [
     "Unguarded",
     "extraction_estimate",
     "insufficient",
-    "is_disk_full",
 ]
 
 INSUFFICIENT_STORAGE = "insufficient_storage"
-_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 
 
 class SpaceGuard(Protocol):
@@ -76,21 +73,6 @@ class Unguarded:
 def insufficient(message: str, *, phase: str, **extra: Any) -> DeployFailed:
     """The failure of a deploy that does not fit on this node's disk (507)."""
     return DeployFailed(message, code=INSUFFICIENT_STORAGE, phase=phase, **extra)
-
-
-def is_disk_full(e: BaseException) -> bool:
-    """Whether ``e``, or an exception it was raised from, says the disk is full (ENOSPC,
-    EDQUOT, or SQLite's "database or disk is full")."""
-    seen: set[int] = set()
-    cur: BaseException | None = e
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, OSError) and cur.errno in _FULL_ERRNOS:
-            return True
-        if "database or disk is full" in str(cur):
-            return True
-        cur = cur.__cause__ or cur.__context__
-    return False
 
 
 def extraction_estimate(path: Path, size: int, limit: int) -> int:

@@ -139,6 +139,7 @@ async def drop_payload(ctx: DeployContext, d: Deployment, *, user: str | None) -
     """Mark ``d``'s payload dropped (replicated: every node frees its copy) and free the
     local blob unless another live deployment, or something in progress, uses it."""
     newly = await ctx.store.mark_payload_dropped(d.deployment_id, user=user)
+    ctx.faults.hit("payload.after_drop_row")
     freed = 0
     h = d.payload_hash
     if h:

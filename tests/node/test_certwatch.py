@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from helpers import Api, make_config, wait_until
+from helpers import Api, make_config, until_users_here
 from procs import free_port
 
 from node.app import create_app
@@ -100,7 +100,7 @@ async def test_health_is_liveness_and_ready_says_why_not(
         peer={"host": "127.0.0.1", "port": 0},
         tls={"ca": str(tmp_path / "ca" / "ca.pem"), "cert": str(files.cert),
              "key": str(files.key)},
-        auth={"bootstrap_wait_s": 0.1},
+        auth={"bootstrap_wait_s": 1.0},
     )  # fmt: skip
     gone = PeerEntry("n2", f"wss://127.0.0.1:{free_port()}")
     app = create_app(
@@ -114,7 +114,10 @@ async def test_health_is_liveness_and_ready_says_why_not(
     body = await resp.json()
     assert resp.status == 503 and body["status"] == "not_ready"
     assert any(r.startswith("peer n2 is ") for r in body["reasons"]), body
-    await wait_until(lambda: _admin(api), what="the admin user")
+    # No user yet: it is created once n1 gives up waiting to catch up with n2.
+    assert any(r.startswith("accounts: ") for r in body["reasons"]), body
+    await until_users_here(api)
+    assert await _admin(api)
     status, cluster = await api.op("cluster_status")
     assert status == 200 and cluster["cert_expires_at"] > 0 and cluster["warnings"] == []
     metrics = await (await api.client.get("/metrics")).text()

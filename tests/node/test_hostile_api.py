@@ -27,7 +27,7 @@ import cbor2
 import hostile
 import msgpack
 import pytest
-from helpers import ADMIN, Api, basic, component, make_config
+from helpers import ADMIN, Api, basic, component, make_config, until_users_here
 
 from node.app import ClusterHooks, create_app, registry
 from node.appkeys import CONFIG, Services
@@ -47,15 +47,6 @@ async def _app_api(aiohttp_client: Any, config: Config, **kwargs: Any) -> Api:
     app = create_app(config, **kwargs)
     client = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
     return Api(client, app)
-
-
-async def _until_signed_in(api: Api) -> None:
-    for _ in range(300):
-        status, _ = await api.op("list_deployments")
-        if status != 401:
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError("the bootstrap user never arrived")
 
 
 def _services(api: Api) -> Services:
@@ -394,7 +385,7 @@ async def test_every_error_status_of_the_contract(aiohttp_client: Any, tmp_path:
     # 503: a node with a configured peer that is not connected refuses a cluster deploy.
     clustered = _clustered_config(tmp_path / "cluster")
     capi = await _app_api(aiohttp_client, clustered, cluster_factory=_unconnected)
-    await _until_signed_in(capi)  # a node with peers creates its bootstrap user in the background
+    await until_users_here(capi)  # a node with peers creates its bootstrap user in the background
     before = await _rows(capi)
     status, body = await capi.deploy("web", component())
     assert status == 503, body

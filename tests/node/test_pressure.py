@@ -27,8 +27,8 @@ from node.appkeys import Services
 from node.config import RetentionConfig, StorageConfig
 from node.deploy.context import DeployContext
 from node.deploy.pressure import DiskPressure, Step
-from node.deploy.space import extraction_estimate, is_disk_full
-from node.errors import DeployFailed
+from node.deploy.space import extraction_estimate
+from node.errors import DeployFailed, is_disk_full
 from node.operations.payloads import drop_payload
 from storage.errors import StorageError
 from storage.faults import FaultPlan
