@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ADMIN, Api, component
+from helpers import ADMIN, Api, component, until_users_here
 from mesh import HASH, Mesh, dump, new_deployment, wait_until
 from procs import free_port
 
@@ -355,6 +355,8 @@ async def test_three_node_apps_deploy_end_to_end(
         lambda: all(services(n).ctx.cluster.connected() == set(names) - {n} for n in names),
         what="full mesh",
     )
+    for name in names:  # each creates (or receives) the admin user once caught up
+        await until_users_here(apis[name])
     status, body = await apis["n1"].op("cluster_status")
     assert status == 200 and [p["state"] for p in body["peers"]] == ["connected"] * 2
 
