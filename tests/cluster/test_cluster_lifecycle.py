@@ -368,11 +368,6 @@ def test_deleting_the_running_deploys_payload_frees_it_and_the_release_keeps_ser
     assert code == 410 and gone["code"] == "payload_gone", gone
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the node still validates deployment_id as a UUID and answers 400; another "
-    "engineer makes any string a lookup (SPEC 4: 404 naming it)",
-)
 @pytest.mark.parametrize("operation", ["get_deployment", "delete_deployment_payload"])
 def test_an_unknown_deployment_id_is_a_404_naming_it(svc: Services, operation: str) -> None:
     code, body = svc.c["n1"].op(operation, deployment_id="qa701-never-existed")
