@@ -301,6 +301,9 @@ class PeerQueue:
         await self._subscribe(channel, credit=0)
 
     async def _subscribe(self, channel: Channel, *, credit: int) -> None:
+        # A new scope (this peer became the relay, say) serves logs not yet here: not
+        # caught up with it until its answer to this subscription says so.
+        self.caught_up.clear()
         scope, exclude = self._scope = self.scope_for(self.name)
         positions = self.store.logs.positions()
         if self.peer_log_id is not None and self.peer_log_id in positions:

@@ -140,7 +140,9 @@ class SenderSession:
         self._reported: dict[str, int] = {}
         self._certs_sent: set[str] = set()
         self._dirty = True
-        self._initial = True  # the first batch goes out even if empty: it carries the lag
+        # The first batch of each subscription goes out even if empty: it carries the
+        # lag, which tells the subscriber it is caught up in this scope.
+        self._initial = True
         self._turn = 0
         self._wake = asyncio.Event()
         self._transfers: dict[str, _Outgoing] = {}
@@ -198,6 +200,7 @@ class SenderSession:
         self._sent = {log_id: msg.positions.get(log_id, 0) for log_id in self._served()}
         self._on_positions(self.peer, msg.positions)
         self._dirty = True
+        self._initial = True
 
     def _served(self) -> list[str]:
         """The logs this subscription covers, right now."""

@@ -278,6 +278,9 @@ class SimNetwork:
         self._cuts: Counter[tuple[str, str]] = Counter()
         self._slow: dict[tuple[str, str], float] = {}
         self._mangle: dict[tuple[str, str], float] = {}
+        #: ``(src, dst)`` links that have carried a mangled frame: a receiver may refuse
+        #: what a lost frame (its signing certificate, say) left it unable to check.
+        self.mangled_links: set[tuple[str, str]] = set()
         #: Called with (node, event) for what a trace records (dial failures, resets).
         self.on_event: Callable[[str, str], None] = lambda _n, _e: None
 
@@ -387,6 +390,7 @@ class SimNetwork:
         p = self._mangle.get((pipe.src, pipe.dst), 0.0)
         if p and self.rng.random() < p:
             end.conn.mangled = True
+            self.mangled_links.add((pipe.src, pipe.dst))
             how = self.rng.choice(("drop", "duplicate", "reorder"))
             self.on_event(end.node, f"mangle:{how}")
             if how == "drop":
