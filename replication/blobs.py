@@ -278,6 +278,9 @@ class BlobFetcher:
         clock: the clock seam.
         wait_s: how long a transfer waits for a peer when none is connected (or after
             a disconnect), measured from its last progress.
+        all_connected: whether every member peer is connected. When every connected
+            peer says it lacks the blob but some member is not connected yet (the
+            deploy's origin, say, right after a start), the transfer waits for it.
     """
 
     def __init__(
@@ -288,9 +291,11 @@ class BlobFetcher:
         wait_for_connect: Callable[[float], Awaitable[bool]],
         clock: Clock,
         wait_s: float,
+        all_connected: Callable[[], bool] = lambda: True,
     ) -> None:
         self.blobs = blobs
         self._sources = sources
+        self._all_connected = all_connected
         self._wait_for_connect = wait_for_connect
         self._clock = clock
         self._wait_s = wait_s
@@ -361,11 +366,12 @@ class BlobFetcher:
                     "blob_fetched", hash=hash, peer=name, size=size, bytes=got, resumed_from=offset
                 )
                 return
-            if sources and len(missing) == len(sources):
+            if sources and len(missing) == len(sources) and self._all_connected():
                 raise BlobMissing(f"no connected peer has blob {hash} (asked {', '.join(missing)})")
             left = deadline - self._clock.monotonic()
             if left <= 0:
+                asked = f" (asked {', '.join(missing)})" if missing else ""
                 raise BlobMissing(
-                    f"blob {hash} is not on this node and no peer that has it is connected"
+                    f"blob {hash} is not on this node and no peer that has it is connected{asked}"
                 )
             await self._wait_for_connect(min(left, 1.0))

@@ -116,6 +116,9 @@ class ReplicationService:
         self.fetcher = BlobFetcher(
             blobs, sources=self._sources, wait_for_connect=self._wait_for_connect,
             clock=clock, wait_s=self.settings.fetch_wait_s,
+            all_connected=lambda: all(
+                q.state is PeerState.CONNECTED for q, _ in self._queues.values()
+            ),
         )  # fmt: skip
 
     # -- lifecycle --------------------------------------------------------------------

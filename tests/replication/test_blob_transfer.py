@@ -164,6 +164,24 @@ async def test_missing_blob(mesh: Mesh) -> None:
         await b.svc.fetch(unknown, 15)
 
 
+async def test_a_fetch_waits_for_a_member_not_yet_connected(mesh: Mesh) -> None:
+    # b reaches c, which lacks the blob, before it reaches a, which has it (a deploy's
+    # origin right after a start): "nobody has it" is not the answer until every
+    # member has been asked.
+    a, b, _c = await mesh.add("a", "b", "c")
+    await mesh.start("b", replace(FAST, fetch_wait_s=20))
+    await mesh.start("c")
+    await mesh.connected("b", "c")
+    data = os.urandom(MiB)
+    info = await put_blob(a.blobs, data)
+    fetch = asyncio.create_task(b.svc.fetch(info.hash, info.size))
+    await asyncio.sleep(0.5)  # c has been asked, and said no
+    assert not fetch.done()
+    await mesh.start("a")
+    await asyncio.wait_for(fetch, 20)
+    assert await read_blob(b.blobs, info.hash) == data
+
+
 async def test_change_batches_are_not_starved_by_a_transfer(mesh: Mesh) -> None:
     a, b = await mesh.add("a", "b")
     await mesh.start("a", SLOW)
