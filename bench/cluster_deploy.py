@@ -35,6 +35,7 @@ from benchlib import (
     client,
     deploy_file,
     lone_node,
+    make_payload,
     median,
     op,
     verdict,
@@ -70,13 +71,15 @@ def timeline(d: dict[str, Any]) -> list[str]:
 
 async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     sizes = [int(s) for s in args.sizes.split(",")]
-    payloads = {}
+    # Fresh bytes for every run (the lone node and the cluster get the same file): a
+    # payload a node already holds would not cross the wire again.
+    payloads: dict[tuple[int, int], Path] = {}
     for size in sizes:
         started = time.monotonic()
-        from benchlib import make_payload
-
-        payloads[size] = make_payload(work / "payloads" / f"p{size}.tar.gz", size * MiB)
-        print(f"payload {size} MiB ready ({time.monotonic() - started:.1f} s)")
+        for i in range(args.repeat):
+            path = work / "payloads" / f"p{size}-{i}.tar.gz"
+            payloads[(size, i)] = make_payload(path, size * MiB)
+        print(f"payloads {size} MiB x{args.repeat} ready ({time.monotonic() - started:.1f} s)")
     tiny = make_payload(work / "payloads" / "tiny.tar.gz", 4096)
     cluster = LocalCluster(work / "cluster", args.nodes)
     lone: NodeProc = lone_node(work / "lone")
@@ -91,10 +94,10 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             await deploy_file(s, origin.admin_url, "warmup", tiny)
             await deploy_file(s, lone.admin_url, "warmup", tiny)
             for size in sizes:
-                path = payloads[size]
                 lone_s: list[float] = []
                 cl_s: list[tuple[float, str]] = []
                 for i in range(args.repeat):
+                    path = payloads[(size, i)]
                     order = [("lone", lone), ("cluster", origin)]
                     if i % 2:
                         order.reverse()

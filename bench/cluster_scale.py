@@ -92,7 +92,9 @@ async def quiet(cluster: LocalCluster, settle_s: float = 1.0) -> dict[str, dict[
     return last
 
 
-async def one_size(n: int, args: argparse.Namespace, work: Path, payload: Path) -> dict[str, Any]:
+async def one_size(
+    n: int, args: argparse.Namespace, work: Path, payloads: list[Path]
+) -> dict[str, Any]:
     tiny = make_payload(work / "payloads" / "tiny.tar.gz", 4096)
     cluster = LocalCluster(work / f"c{n}", n, wire=True)
     cluster.start()
@@ -106,7 +108,7 @@ async def one_size(n: int, args: argparse.Namespace, work: Path, payload: Path) 
             for r in range(args.repeat):
                 before = await quiet(cluster)
                 written0 = await heads(s, cluster)
-                secs, body = await deploy_file(s, origin.admin_url, f"scale-{r}", payload)
+                secs, body = await deploy_file(s, origin.admin_url, f"scale-{r}", payloads[r])
                 states = {x["node"]: x["status"] for x in body["peer_results"]}
                 if len(states) != n or set(states.values()) != {"active"}:
                     raise RuntimeError(f"not active everywhere: {states}")
@@ -140,9 +142,13 @@ async def one_size(n: int, args: argparse.Namespace, work: Path, payload: Path) 
 
 
 async def run(args: argparse.Namespace, work: Path) -> dict[int, dict[str, Any]]:
-    payload = make_payload(work / "payloads" / f"p{args.mib}.tar.gz", args.mib * MiB)
+    # Fresh bytes for every run: a blob the nodes already hold would not cross again.
+    payloads = [
+        make_payload(work / "payloads" / f"p{args.mib}-{r}.tar.gz", args.mib * MiB)
+        for r in range(args.repeat)
+    ]
     sizes = [int(x) for x in args.sizes.split(",")]
-    results = {n: await one_size(n, args, work, payload) for n in sizes}
+    results = {n: await one_size(n, args, work, payloads) for n in sizes}
     base_n = sizes[0]
     base = results[base_n]
     print(f"\n{args.mib} MiB deploy, medians of {args.repeat} (per receiving node = / (N-1)):")
