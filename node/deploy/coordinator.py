@@ -65,9 +65,9 @@ class RolledBack(Exception):
 
 
 class Superseded(Exception):
-    """A newer deploy of the same project won."""
+    """A newer deploy of the same project won (``newer``, when known)."""
 
-    def __init__(self, newer: str) -> None:
+    def __init__(self, newer: str | None) -> None:
         super().__init__(newer)
         self.newer = newer
 
@@ -119,24 +119,40 @@ class Coordinator:
             lambda n: n.tbl in watch and (n.key == d.deployment_id or n.tbl == DEPLOYMENTS.name)
         ) as sub:
             try:
-                return await self._run(d, sub)
-            except DeployFailed as e:
-                await self._end_failed(d, e, sub)
+                return await self._run_to_outcome(d, sub)
+            except (DeployFailed, asyncio.CancelledError):
                 raise
-            except RolledBack as e:
-                raise await self._end_rolled_back(d, e, sub) from None
-            except Superseded as e:
-                outcome = await self._end_superseded(d, e.newer, sub)
-                if isinstance(outcome, Deployment):
-                    return outcome
-                raise outcome from None
-            except asyncio.CancelledError:
-                raise  # the node is stopping: recovery at start records the outcome
             except Exception as e:
-                log.exception("deploy_crashed", deployment_id=d.deployment_id)
+                # Recording the outcome itself failed: the row still ends, failed.
+                log.exception("deploy_end_crashed", deployment_id=d.deployment_id)
                 err = step_failure(e, phase=self._phase or d.phase or "receive")
-                await self._end_failed(d, err, sub)
+                current = await ctx.store.get_deployment(d.deployment_id)
+                if current is not None and not current.terminal:
+                    await fail(ctx, self.rec, err)
+                err.extra.setdefault("deployment_id", d.deployment_id)
                 raise err from e
+
+    async def _run_to_outcome(self, d: Deployment, sub: Subscription) -> Deployment:
+        """:meth:`_run`, and whatever it raises turned into the recorded outcome."""
+        try:
+            return await self._run(d, sub)
+        except DeployFailed as e:
+            await self._end_failed(d, e, sub)
+            raise
+        except RolledBack as e:
+            raise await self._end_rolled_back(d, e, sub) from None
+        except Superseded as e:
+            outcome = await self._end_superseded(d, e.newer, sub)
+            if isinstance(outcome, Deployment):
+                return outcome
+            raise outcome from None
+        except asyncio.CancelledError:
+            raise  # the node is stopping: recovery at start records the outcome
+        except Exception as e:
+            log.exception("deploy_crashed", deployment_id=d.deployment_id)
+            err = step_failure(e, phase=self._phase or d.phase or "receive")
+            await self._end_failed(d, err, sub)
+            raise err from e
 
     async def _run(self, d: Deployment, sub: Subscription) -> Deployment:
         if d.status in (DeploymentStatus.ACTIVATING, DeploymentStatus.RESTARTING):
@@ -258,9 +274,10 @@ class Coordinator:
         await self._mine(NodeStatus.ROLLED_BACK, "activate")
 
     async def _end_superseded(
-        self, d: Deployment, newer: str, sub: Subscription
+        self, d: Deployment, newer: str | None, sub: Subscription
     ) -> Deployment | DeployFailed:
         ctx = self.ctx
+        which = f"the newer deploy {newer}" if newer else "a newer deploy"
         await self._forward(sub.drain())
         results = {r.node: r for r in await ctx.store.results(d.deployment_id)}
         if any(r.status is NodeStatus.ACTIVE for r in results.values()):
@@ -268,14 +285,14 @@ class Coordinator:
             final, _ = await self.rec.write(
                 {"status": DeploymentStatus.SUCCESS, "superseded_by": newer,
                  "completed_at": ctx.store.clock.now_ms()},
-                ("warning", {"message": f"superseded by the newer deploy {newer}"}),
+                ("warning", {"message": f"superseded by {which}"}),
                 ("finished", {"status": "success"}),
             )  # fmt: skip
             await self.rec.close()
             log.info("deploy_superseded", deployment_id=d.deployment_id, newer=newer)
             return final
         err = DeployFailed(
-            f"a newer deploy of {d.project} ({newer}) replaced this one before it activated",
+            f"{which} of {d.project} replaced this one before it activated",
             code="superseded",
             phase="activate",
             superseded_by=newer,
@@ -518,8 +535,10 @@ class Coordinator:
                 if r is None:
                     continue
                 if r.status is NodeStatus.SUPERSEDED:
-                    newer = (r.error or {}).get("message", "")
-                    raise Superseded(str((r.error or {}).get("superseded_by") or newer))
+                    # That node serves a newer deploy of the project: the desired one.
+                    desired = await self.ctx.store.desired(d.project)
+                    newer = desired.deployment_id if desired is not None else None
+                    raise Superseded(newer if newer != d.deployment_id else None)
                 if r.status in (NodeStatus.FAILED, NodeStatus.ROLLED_BACK):
                     err = r.error or {}
                     raise RolledBack(n, str(err.get("code", "activation_failed")),

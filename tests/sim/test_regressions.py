@@ -18,6 +18,10 @@ REGRESSIONS = [
     # A partition, a deploy, and the removal of a node whose results only one peer
     # received: the relay was always the first peer by name, so they never spread.
     pytest.param(30, (1, 2, 4), id="seed30-relay-never-rotates"),
+    # A node killed before its switch, then two deploys of one project at once: a peer
+    # reported the first superseded, and the origin wrote the peer's error message as
+    # the row's superseded_by (not an id): the row was refused, the deploy stuck.
+    pytest.param(425, (5, 6, 7), id="seed425-superseded-by-a-message"),
 ]
 
 
