@@ -80,3 +80,33 @@ async def test_a_payload_whose_hash_was_never_recorded_is_freed_at_once(
     store = Services(api.app).store
     named = {d.payload_hash for d in await store.deployments()}
     assert set(blobs.hashes()) == named - {None}
+
+
+async def test_a_failure_while_recording_the_outcome_still_ends_the_deploy(
+    faulty: tuple[Api, FaultPlan], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Recording an outcome can fail too (the simulator found a row the store's rules
+    refused at that point, on a resumed deploy with no request around it): the
+    coordinator's own boundary still ends the deploy, failed, with a finished event."""
+    from node.deploy.coordinator import Coordinator, Superseded
+    from node.deploy.origin import DeployRequest
+    from node.errors import DeployFailed
+
+    async def superseded(*_args: Any, **_kwargs: Any) -> None:
+        raise Superseded(None)
+
+    async def broken(*_args: Any, **_kwargs: Any) -> None:
+        raise RuntimeError("recording the outcome failed")
+
+    api, _plan = faulty
+    services = Services(api.app)
+    d, rec = await services.origin.create(DeployRequest(project="web", user="admin"))
+    monkeypatch.setattr(Coordinator, "_run", superseded)
+    monkeypatch.setattr(Coordinator, "_end_superseded", broken)
+    with pytest.raises(DeployFailed) as failed:
+        await Coordinator(services.ctx, rec).run(d)
+    assert failed.value.code == "internal_error"
+    row = await services.store.get_deployment(d.deployment_id)
+    assert row is not None and str(row.status) == "failed", row
+    events = await services.store.events(d.deployment_id)
+    assert events[-1].event == "finished", events
