@@ -36,13 +36,19 @@ async def readiness(app: web.Application) -> tuple[bool, list[str], list[str]]:
                 reasons.append(f"{refused} change(s) from {peer['name']} were refused")
         warnings += list(status.get("warnings", []))
     config = app[CONFIG]
-    if not await app[ACCOUNTS].user_known(config.auth.bootstrap_user):
+    accounts, name = app[ACCOUNTS], config.auth.bootstrap_user
+    if not await accounts.user_known(name):
         # A node joining a cluster creates its bootstrap user only once it has caught up
         # (the cluster may have it already): until then nobody can sign in here.
         reasons.append(
-            f"accounts: user {config.auth.bootstrap_user!r} not here yet (waiting to catch "
-            "up with peers before creating it)"
+            f"accounts: user {name!r} not here yet (waiting to catch up with peers before "
+            "creating it)"
         )
+    elif (user := await accounts.get_user(name)) is not None and (
+        await accounts.get_role(user.role) is None
+    ):
+        # The user came from a peer and its role has not yet: it cannot sign in here.
+        reasons.append(f"accounts: role {user.role!r} of user {name!r} not here yet")
     me = config.node.name
     for row in await app[STORE].components():
         if row["node"] == me and not row["converged"]:

@@ -95,10 +95,17 @@ class Reconciler:
         #: deployment id → (version seen, local time it was first seen at that version).
         self._changed: dict[str, tuple[int, float]] = {}
         self._lost: set[str] = set()
+        self._backfilling: asyncio.Task[None] | None = None
+        self._backfill_again = False
 
     def kick(self) -> None:
-        """Ask for a full rescan soon (after a reconnect, say)."""
+        """Ask for a full rescan soon (after a reconnect, say), and for the payloads the
+        cluster keeps that this node lacks (at start its peers may not have been
+        connected yet: a rebuilt node would then never fetch them)."""
         self._kick.set()
+        self._backfill_again = True
+        if self._backfilling is None or self._backfilling.done():
+            self._backfilling = self.tasks.spawn(self._backfill(), name="backfill-payloads")
 
     async def run(self) -> None:
         """Run until cancelled: a full scan at start, then react to changes."""
@@ -106,7 +113,8 @@ class Reconciler:
         try:
             with self.ctx.store.feed.subscribe(lambda n: n.tbl in want, maxsize=10_000) as sub:
                 await self.scan()
-                self.tasks.spawn(self._backfill(), name="backfill-payloads")
+                if self._backfilling is None or self._backfilling.done():
+                    self._backfilling = self.tasks.spawn(self._backfill(), name="backfill-payloads")
                 while True:
                     notices = await self._next(sub)
                     if notices is None or sub.overflowed:
@@ -408,8 +416,12 @@ class Reconciler:
         self.converge_soon(d.project)
 
     async def _backfill(self) -> None:
-        await self.wait_ready()
-        await backfill_payloads(self.ctx, on_dropped=self._on_drop)
+        # Again as long as a reconnect asked for it meanwhile.
+        self._backfill_again = True
+        while self._backfill_again:
+            self._backfill_again = False
+            await self.wait_ready()
+            await backfill_payloads(self.ctx, on_dropped=self._on_drop)
 
     def is_lost(self, deployment_id: str) -> bool:
         """Whether this node treats the deploy as failed because its origin is lost."""
