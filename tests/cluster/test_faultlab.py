@@ -108,7 +108,8 @@ def test_the_proxy_cuts_stalls_delays_and_resets_a_link(echo: int) -> None:
             with pytest.raises(ConnectionResetError):
                 c.recv(100)
         hub.cut(link)
-        with _client(link.port) as c, pytest.raises(ConnectionResetError):
+        # The reset may come as soon as the connect (a loaded machine) or at the first read.
+        with pytest.raises(ConnectionResetError), _client(link.port) as c:
             c.sendall(b"x")
             c.recv(100)
         hub.heal(link)
