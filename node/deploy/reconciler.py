@@ -104,6 +104,9 @@ class Reconciler:
         connected yet: a rebuilt node would then never fetch them)."""
         self._kick.set()
         self._backfill_again = True
+        self._start_backfill()
+
+    def _start_backfill(self) -> None:
         if self._backfilling is None or self._backfilling.done():
             self._backfilling = self.tasks.spawn(self._backfill(), name="backfill-payloads")
 
@@ -113,8 +116,7 @@ class Reconciler:
         try:
             with self.ctx.store.feed.subscribe(lambda n: n.tbl in want, maxsize=10_000) as sub:
                 await self.scan()
-                if self._backfilling is None or self._backfilling.done():
-                    self._backfilling = self.tasks.spawn(self._backfill(), name="backfill-payloads")
+                self._start_backfill()
                 while True:
                     notices = await self._next(sub)
                     if notices is None or sub.overflowed:

@@ -249,3 +249,20 @@ class Cluster:
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+#: What replicates of a deployment row, as ``list_deployments`` shows it.
+RECORD_KEYS = ("project", "status", "payload_hash", "origin_node", "expected_nodes", "error",
+               "superseded_by", "rollback_of", "peer_results", "completed_at")  # fmt: skip
+
+
+def node_records(node: ClusterNode) -> dict[str, dict[str, Any]]:
+    """Every deployment row a node holds, by id (what replicates of it)."""
+    rows = node.ok("list_deployments", limit=1000)["deployments"]
+    return {d["deployment_id"]: {k: d[k] for k in RECORD_KEYS} for d in rows}
+
+
+def node_desired(node: ClusterNode) -> dict[str, str | None]:
+    """Each project's desired deployment id, as the node reports it."""
+    return {p["project"]: p["desired_deployment_id"]
+            for p in node.ok("get_components")["components"]}  # fmt: skip

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from cluster_harness import ADMIN_USER, Cluster, ClusterNode
+from cluster_harness import ADMIN_USER, Cluster, ClusterNode, node_desired, node_records
 from helpers import component
 from lifecycle_util import db_rows
 from procs import wait_for
@@ -66,18 +66,6 @@ def cluster(
             print(c.logs())
 
 
-def _records(node: ClusterNode) -> dict[str, dict[str, Any]]:
-    rows = node.ok("list_deployments", limit=1000)["deployments"]
-    keys = ("project", "status", "payload_hash", "origin_node", "expected_nodes", "error",
-            "superseded_by", "peer_results", "completed_at")  # fmt: skip
-    return {d["deployment_id"]: {k: d[k] for k in keys} for d in rows}
-
-
-def _desired(node: ClusterNode) -> dict[str, str | None]:
-    return {p["project"]: p["desired_deployment_id"]
-            for p in node.ok("get_components")["components"]}  # fmt: skip
-
-
 def _changelog(node: ClusterNode) -> dict[str, Any]:
     return dict(node.status()["changelog"])
 
@@ -115,9 +103,11 @@ def test_a_node_away_while_its_peers_trimmed_past_it_catches_up(cluster: Cluster
     n3.start()
     c.wait_connected(among=[n1, n2, n3], timeout_s=60)
     # Compared afresh each time: n3's own late results are still reaching n1.
-    wait_for(lambda: _records(n3) == _records(n1), timeout_s=60, what="n3 to hold every record")
+    wait_for(
+        lambda: node_records(n3) == node_records(n1), timeout_s=60, what="n3 to hold every record"
+    )
     assert "while-away" in {u["username"] for u in n3.ok("list_users")}
-    assert _desired(n3)["away"] == ids[-1]
+    assert node_desired(n3)["away"] == ids[-1]
     wait_for(lambda: n3.active_release("away") == ids[-1], timeout_s=60,
              what="n3 to run the newest release")  # fmt: skip
     assert n3.current_files("away") == n1.current_files("away")
@@ -170,9 +160,10 @@ def test_a_node_joining_after_many_deploys_converges_in_one_step(cluster: Cluste
     _many_deploys(c, seed=1400)
     c.wait_connected(among=c.nodes[:3], timeout_s=60)
     # Compared afresh each time: late results may still be reaching n1 itself.
-    want = wait_for(lambda: (w := _records(n1)) == _records(c.nodes[1]) == _records(c.nodes[2])
-                    and w, timeout_s=60, what="n1..n3 to agree")  # fmt: skip
-    desired = _desired(n1)
+    want = wait_for(
+        lambda: (w := node_records(n1)) == node_records(c.nodes[1]) == node_records(c.nodes[2])
+        and w, timeout_s=60, what="n1..n3 to agree")  # fmt: skip
+    desired = node_desired(n1)
     assert len(want) >= len(PROJECTS) * DEPLOYS_PER_PROJECT
 
     n1.ok("add_node", name="n4", url=f"wss://127.0.0.1:{n4.layout.peer_port}")
@@ -196,8 +187,8 @@ def test_a_node_joining_after_many_deploys_converges_in_one_step(cluster: Cluste
     finally:
         del n4.env["CAIRN_ADMIN_PASSWORD"]
     c.wait_connected(timeout_s=60)
-    wait_for(lambda: _records(n4) == _records(n1) and _desired(n4) == desired, timeout_s=120,
-             what="n4 to hold every record")  # fmt: skip
+    wait_for(lambda: node_records(n4) == node_records(n1) and node_desired(n4) == desired,
+             timeout_s=120, what="n4 to hold every record")  # fmt: skip
     assert next(p for p in n4.status()["peers"] if p["name"] == "n1")["disconnects"] >= 1
 
     for project, deployment_id in desired.items():
@@ -212,7 +203,7 @@ def test_a_node_joining_after_many_deploys_converges_in_one_step(cluster: Cluste
 
     # It reports (late) on the deploys it runs, and on nothing it skipped.
     def reported() -> dict[str, dict[str, Any]] | None:
-        records = _records(n1)
+        records = node_records(n1)
         ok = all(
             any(r["node"] == "n4" and r["status"] == "active" for r in records[d]["peer_results"])
             for d in desired.values()

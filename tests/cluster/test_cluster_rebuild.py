@@ -17,10 +17,9 @@ import os
 import shutil
 import signal
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
-from cluster_harness import ADMIN_USER, Cluster, ClusterNode, sha256
+from cluster_harness import ADMIN_USER, Cluster, node_desired, node_records, sha256
 from helpers import component
 from procs import wait_for
 
@@ -51,19 +50,6 @@ def cluster(
         c.stop()
         if request.session.testsfailed != failed_before:
             print(c.logs())
-
-
-def _records(node: ClusterNode) -> dict[str, dict[str, Any]]:
-    """Every deployment row a node holds, by id (what replicates of it)."""
-    rows = node.ok("list_deployments", limit=1000)["deployments"]
-    keys = ("project", "status", "payload_hash", "origin_node", "expected_nodes", "error",
-            "superseded_by", "rollback_of", "peer_results")  # fmt: skip
-    return {d["deployment_id"]: {k: d[k] for k in keys} for d in rows}
-
-
-def _desired(node: ClusterNode) -> dict[str, str | None]:
-    return {p["project"]: p["desired_deployment_id"]
-            for p in node.ok("get_components")["components"]}  # fmt: skip
 
 
 @pytest.mark.timeout(300)
@@ -119,7 +105,7 @@ def test_a_node_rebuilt_from_an_empty_data_dir_gets_everything_back(cluster: Clu
     n1.ok("delete_deployment_payload", deployment_id=first)
     n2.ok("add_user", fields={"username": "alice", "password": "alice-password-1",
                               "role": "super_user"})  # fmt: skip
-    wait_for(lambda: all(_records(n) == _records(n1) for n in c), timeout_s=30,
+    wait_for(lambda: all(node_records(n) == node_records(n1) for n in c), timeout_s=30,
              what="every node to hold the same records")  # fmt: skip
     old_log = n3.status()["log_id"]
 
@@ -139,10 +125,10 @@ def test_a_node_rebuilt_from_an_empty_data_dir_gets_everything_back(cluster: Clu
     assert new_log != old_log
 
     # (Compared afresh each time: n3's own late results are still reaching n1.)
-    want = wait_for(lambda: (w := _records(n1)) == _records(n3) and w, timeout_s=90,
+    want = wait_for(lambda: (w := node_records(n1)) == node_records(n3) and w, timeout_s=90,
                     what="n3 to hold every record")  # fmt: skip
-    desired = _desired(n1)
-    assert _desired(n3) == desired and desired["keep"] is not None
+    desired = node_desired(n1)
+    assert node_desired(n3) == desired and desired["keep"] is not None
     for project, deployment_id in desired.items():
         wait_for(lambda p=project, d=deployment_id: n3.active_release(p) == d, timeout_s=60,
                  what=f"n3 to run {deployment_id} of {project}")  # fmt: skip
